@@ -1,0 +1,1 @@
+"""Environments of rllib-ext: math reasoning tasks and mean-field games."""

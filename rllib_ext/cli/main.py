@@ -1,0 +1,175 @@
+"""The `rllib` command (Ray 2.60 ships none).
+
+    rllib train file tuned_examples/ppo_cartpole.yaml --stop '{"training_iteration": 2}'
+    rllib train --algo PPO --env CartPole-v1 --config '{"lr": 0.0003}'
+    rllib list
+
+Every user error ends in one paragraph naming the file, the key and the fix (exit code 2);
+a failed trial ends with exit code 1 and the path of its error file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rllib_ext.cli.errors import CLIError
+
+EPILOG = """\
+experiment files (classic RLlib tuned-example YAML):
+  my-experiment:
+    run: PPO                      # algorithm (`algo:` also works)
+    env: CartPole-v1              # gymnasium id, rllib-ext env name, or module:Class
+    stop: {training_iteration: 20}
+    checkpoint_freq: 5            # optional; --checkpoint-freq overrides
+    num_samples: 1                # optional; repeats every config point
+    config:                       # AlgorithmConfig fields
+      lr: {grid_search: [0.001, 0.0003]}    # sweep: one trial per value
+      gamma: {choice: [0.95, 0.99]}         # random search (with num_samples)
+      entropy_coeff: {uniform: [0.0, 0.01]} # also loguniform, randint
+
+results: one directory per trial under STORAGE/EXPERIMENT/ with progress.csv, result.json,
+tfevents files (view with `tensorboard --logdir STORAGE/EXPERIMENT`) and checkpoint_* dirs.
+"""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser (for --help) and the `train` parser (parsed intermixed, so options
+    may come before or after `file PATH`)."""
+    parser = argparse.ArgumentParser(
+        prog="rllib", description="Train RLlib and rllib-ext algorithms through Ray Tune.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train from a YAML file (`train file PATH`) or from flags",
+        prog="rllib train",
+        description="Train from an experiment file (`rllib train file PATH.yaml [options]`) or "
+                    "from flags (`rllib train --algo NAME --env ENV [options]`).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    train.add_argument("words", nargs="*", metavar="file PATH",
+                       help="`file PATH.yaml`: the experiment file to run")
+    train.add_argument("--algo", "--run", dest="algo",
+                       help="algorithm name for a quick run without a file (e.g. PPO, VCPO, "
+                            "TMFPG)")
+    train.add_argument("--env", help="environment for a quick run (gymnasium id, rllib-ext env "
+                                     "name, or module:Class)")
+    train.add_argument("--config", metavar="JSON",
+                       help="""JSON object deep-merged into the config, e.g. '{"lr": 1e-4}'""")
+    train.add_argument("--stop", metavar="JSON",
+                       help="""JSON object merged into the stop criteria, e.g. """
+                            """'{"training_iteration": 2}'""")
+    train.add_argument("--storage-path", metavar="DIR",
+                       help="where experiment/trial directories go (default ~/ray_results)")
+    train.add_argument("--checkpoint-freq", type=int, metavar="N",
+                       help="checkpoint every N iterations (a final checkpoint is always kept)")
+    train.add_argument("--restore", metavar="PATH",
+                       help="resume from a checkpoint directory (or the newest checkpoint under "
+                            "a trial/experiment directory); the iteration counter continues")
+    train.add_argument("--num-samples", type=int, metavar="N",
+                       help="repeat every config point N times (random search draws N points)")
+    train.add_argument("--experiment", metavar="NAME",
+                       help="run only this experiment of a multi-experiment file")
+    train.add_argument("--name", help="experiment name for a quick run (default ALGO-ENV)")
+    train.add_argument("--num-cpus", type=int, metavar="N",
+                       help="CPUs for the local Ray instance (default: all)")
+    train.add_argument("-v", "--verbose", action="count", default=0,
+                       help="also show Tune's own status tables (-v, -vv)")
+
+    commands.add_parser("list", help="list the algorithms and rllib-ext environments")
+    return parser, train
+
+
+def _experiments_from_args(args) -> list:
+    from rllib_ext.cli.experiment import build_experiment, experiments_from_file, parse_json_option
+
+    config_override = parse_json_option(args.config, "--config")
+    stop_override = parse_json_option(args.stop, "--stop")
+    for flag in ("checkpoint_freq", "num_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            option = "--" + flag.replace("_", "-")
+            raise CLIError(f"{option} must be >= 0, got {value}.", source="command line",
+                           key=option, fix=f"pass e.g. {option} 1.")
+    if args.words:
+        if args.words[0] != "file" or len(args.words) != 2:
+            raise CLIError(f"unexpected arguments: {' '.join(args.words)}.",
+                           source="command line",
+                           fix="use `rllib train file PATH.yaml [options]` or "
+                               "`rllib train --algo NAME --env ENV [options]`.")
+        if args.algo or args.env:
+            raise CLIError("--algo/--env cannot be combined with `file PATH`.",
+                           source="command line",
+                           fix="put the algorithm and env in the YAML (or use --config to "
+                               "override its values).")
+        return experiments_from_file(args.words[1], config_override=config_override,
+                                     stop_override=stop_override, only=args.experiment)
+    if not args.algo or not args.env:
+        raise CLIError("nothing to train.", source="command line",
+                       fix="give an experiment file (`rllib train file PATH.yaml`) or both "
+                           "--algo NAME and --env ENV.")
+    name = args.name or f"{args.algo}-{args.env}".replace(":", "_").replace("/", "_")
+    spec = {"run": args.algo, "env": args.env, "config": config_override, "stop": stop_override}
+    return [build_experiment(name, spec, "command line")]
+
+
+def _train(args) -> int:
+    experiments = _experiments_from_args(args)
+    from rllib_ext.cli.tune_runner import find_checkpoint, init_ray, run_experiment
+
+    restore = find_checkpoint(args.restore) if args.restore else None
+    init_ray(args.num_cpus, args.verbose)
+    failed = 0
+    for experiment in experiments:
+        print(f"== {experiment.name}: {experiment.algo_name} on "
+              f"{experiment.param_space.get('env')} ({experiment.source})", flush=True)
+        if restore:
+            print(f"   restoring from {restore}", flush=True)
+        outcomes = run_experiment(
+            experiment, storage_path=args.storage_path, checkpoint_freq=args.checkpoint_freq,
+            restore=restore, num_samples=args.num_samples, verbose=min(args.verbose, 3))
+        for outcome in outcomes:
+            print(f"   trial {outcome.name}: {outcome.status} after {outcome.iterations} "
+                  f"iterations; dir {outcome.trial_dir}", flush=True)
+            if outcome.checkpoint:
+                print(f"   checkpoint: {outcome.checkpoint}", flush=True)
+            if outcome.error_file:
+                print(f"   error: see {outcome.error_file}", flush=True)
+                failed += 1
+        if outcomes:
+            print(f"   tensorboard --logdir {os.path.dirname(outcomes[0].trial_dir)}", flush=True)
+    return 1 if failed else 0
+
+
+def _list() -> int:
+    from rllib_ext import registry
+
+    print("algorithms:", ", ".join(registry.known_algorithm_names()))
+    print("rllib-ext environments:", ", ".join(sorted(registry.PROJECT_ENVS)) or "(none)")
+    print("plus every gymnasium id and any 'package.module:EnvClass' path")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, train_parser = build_parser()
+    try:
+        if argv[:1] == ["train"]:
+            return _train(train_parser.parse_intermixed_args(argv[1:]))
+        args = parser.parse_args(argv)
+        if args.command == "list":
+            return _list()
+        parser.print_help()
+        return 2
+    except CLIError as e:
+        print(f"rllib: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rllib: interrupted; finished checkpoints stay in the trial directories.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Names -> algorithm classes and environments, for the `rllib` CLI and Ray Tune.
+
+Algorithms resolve from this project's table first, then from RLlib's own registry
+(``ray.rllib.algorithms.registry.ALGORITHMS``), and finally as a ``module:Class`` path.
+Environments resolve from this project's table, gymnasium's registry, Tune's env
+registry, or a ``module:Class`` path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Project algorithms: name -> "module:attribute" (imported lazily: importing them pulls torch).
+PROJECT_ALGORITHMS: dict[str, str] = {}
+
+# Project environments: name -> "module:attribute" of a gymnasium.Env / MultiAgentEnv class.
+PROJECT_ENVS: dict[str, str] = {}
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module:Attribute"`` and return the attribute.
+
+    Raises ImportError/AttributeError with the path in the message.
+    """
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ImportError(f"'{path}' is not of the form 'package.module:Name'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attribute)
+    except AttributeError as e:
+        raise AttributeError(f"module '{module_name}' has no attribute '{attribute}'") from e
+
+
+def rllib_algorithm_names() -> list[str]:
+    from ray.rllib.algorithms.registry import ALGORITHMS
+
+    return sorted(ALGORITHMS)
+
+
+def known_algorithm_names() -> list[str]:
+    """All algorithm names the CLI accepts: this project's, then RLlib's."""
+    return sorted(PROJECT_ALGORITHMS) + [
+        n for n in rllib_algorithm_names() if n not in PROJECT_ALGORITHMS
+    ]
+
+
+def get_algorithm_class(name: str) -> type:
+    """Resolve an algorithm name (case-insensitive) or ``module:Class`` path to its class.
+
+    Raises KeyError when the name is unknown.
+    """
+    by_upper = {n.upper(): n for n in known_algorithm_names()}
+    canonical = by_upper.get(name.upper())
+    if canonical in PROJECT_ALGORITHMS:
+        return import_object(PROJECT_ALGORITHMS[canonical])
+    if canonical is not None:
+        from ray.rllib.algorithms.registry import ALGORITHMS
+
+        return ALGORITHMS[canonical]()[0]
+    if ":" in name:
+        return import_object(name)
+    raise KeyError(name)
+
+
+def register_project_envs() -> None:
+    """Register this project's envs with Tune so RLlib finds them by name in every worker."""
+    from ray.tune.registry import register_env
+
+    for name, path in PROJECT_ENVS.items():
+        register_env(name, _EnvCreator(path))
+
+
+class _EnvCreator:
+    """Picklable env creator: imports the class inside the worker that builds the env."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, env_config):
+        return import_object(self.path)(dict(env_config or {}))
+
+
+def resolve_env(name: Any) -> Any:
+    """Return what RLlib's ``config.environment(env=...)`` should get for a CLI/YAML value.
+
+    Project env names and registered gymnasium/Tune names stay strings; a ``module:Class``
+    path becomes the class itself. Raises KeyError when nothing matches.
+    """
+    if not isinstance(name, str):
+        return name
+    if name in PROJECT_ENVS:
+        return name
+    import gymnasium as gym
+
+    if name in gym.registry:
+        return name
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    if _global_registry.contains(ENV_CREATOR, name):
+        return name
+    if ":" in name:
+        try:
+            return import_object(name)
+        except (ImportError, AttributeError) as e:
+            raise KeyError(f"{name} ({e})") from e
+    raise KeyError(name)
+
+
+def known_env_names() -> list[str]:
+    import gymnasium as gym
+
+    return sorted(PROJECT_ENVS) + sorted(gym.registry)
