@@ -1,0 +1,1 @@
+"""RL algorithms of rllib-ext, laid out like ray.rllib.algorithms."""
