@@ -1,0 +1,306 @@
+"""Answer extraction and grading (envs/math/grading.py): outcomes, timeouts, crashes, Ray."""
+
+import os
+import pickle
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from envs.math.grading import (
+    STYLES,
+    AnswerChecker,
+    Grade,
+    _exact_number_comparison,
+    _math_verify_comparison,
+    extract_answer,
+    last_boxed_content,
+)
+
+PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy evaluates the tower: hangs without a timeout
+
+
+def hooked_verifier(predicted: str, gold: str) -> bool:
+    """Test verifier run in the grading process (AnswerChecker(verifier=...))."""
+    if predicted == "hang":  # stuck where SIGALRM cannot reach: only the watchdog helps
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(60)
+    if predicted == "boom":
+        raise RuntimeError("checker bug")
+    if predicted == "crash":
+        os._exit(3)
+    return predicted == gold
+
+
+HOOK = f"{__name__}:hooked_verifier"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{2} then \\boxed{3}", "3"),
+    ("\\fbox{x^{2}+1}", "x^{2}+1"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not close the box
+    ("\\boxed{\\}}", "\\}"),
+    ("$\\boxed 5$", "5"),
+    ("\\boxed{}", None),
+    ("\\boxed{12", None),  # truncated completion
+    ("\\boxed{1} and \\boxed{2", None),  # the last box counts, even if unclosed
+    ("no box", None),
+])
+def test_last_boxed_content(text, expected):
+    assert last_boxed_content(text) == expected
+
+
+@pytest.mark.parametrize("style, text, expected", [
+    ("gsm8k", "3+4=7\n#### 7", "7"),
+    ("gsm8k", "#### $1,234.50.\nbye", "1234.50"),
+    ("gsm8k", "#### 1\n#### 2", "2"),
+    ("gsm8k", "####", None),
+    ("gsm8k", "The answer is 72.", "72"),
+    ("gsm8k", "12-5=7, so x-3 is -3", "-3"),
+    ("gsm8k", "version v1.5", None),
+    ("gsm8k", "half is 1/2", "1/2"),
+    ("gsm8k", "1,2,3", "3"),
+    ("plain", "  19\n20", "19"),
+    ("plain", "\n\n", None),
+    ("boxed", "#### 7", None),
+    ("auto", "\\boxed{5} #### 6 and 7", "5"),
+    ("auto", "#### 6 \n then 7", "6"),
+    ("auto", "then 7", "7"),
+    ("auto", "", None),
+])
+def test_extract_answer(style, text, expected):
+    assert extract_answer(text, style) == expected
+
+
+# style, completion, gold, correct, extracted
+CASES = [
+    # GSM8K style
+    ("gsm8k", "8*9=72\n#### 72", "72", True, "72"),
+    ("gsm8k", "#### 72", "72.0", True, "72"),
+    ("gsm8k", "#### 72.0", "72", True, "72.0"),
+    ("gsm8k", "The answer is 72", "72", True, "72"),
+    ("gsm8k", "#### 1,000", "1000", True, "1000"),
+    ("gsm8k", "The total is $1,234,567.", "1234567", True, "1234567"),
+    ("gsm8k", "#### -5", "-5", True, "-5"),
+    ("gsm8k", "#### 5", "-5", False, "5"),
+    ("gsm8k", "#### 73", "72", False, "73"),
+    ("gsm8k", "#### 72\n#### 73", "72", False, "73"),
+    ("gsm8k", "I do not know", "72", False, None),
+    ("gsm8k", "#### 0.5", "\\frac{1}{2}", True, "0.5"),
+    ("gsm8k", "#### 3/4", "0.75", True, "3/4"),
+    ("gsm8k", "#### 72 apples", "72", True, "72 apples"),
+    # MATH style
+    ("boxed", "\\boxed{\\frac12}", "0.5", True, "\\frac12"),
+    ("boxed", "\\boxed{1/2}", "\\frac{1}{2}", True, "1/2"),
+    ("boxed", "\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True, "\\dfrac{3}{4}"),
+    ("boxed", "\\boxed{-\\frac{1}{2}}", "-0.5", True, "-\\frac{1}{2}"),
+    ("boxed", "\\boxed{0.33}", "\\frac{1}{3}", False, "0.33"),
+    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "3", True, "3"),
+    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "2", False, "3"),
+    ("boxed", "\\fbox{x^2+1}", "1+x^2", True, "x^2+1"),
+    ("boxed", "\\boxed{x+1}", "x+2", False, "x+1"),
+    ("boxed", "\\boxed{3\\sqrt{2}}", "\\sqrt{18}", True, "3\\sqrt{2}"),
+    ("boxed", "\\boxed{\\text{(C)}}", "\\text{(C)}", True, "\\text{(C)}"),
+    ("boxed", "\\boxed{\\text{(B)}}", "\\text{(C)}", False, "\\text{(B)}"),
+    ("boxed", "\\boxed{\\text{Monday}}", "\\text{Monday}", True, "\\text{Monday}"),
+    ("boxed", "\\boxed{5\\text{ cm}}", "5", True, "5\\text{ cm}"),
+    ("boxed", "\\boxed{(1,2)}", "(1, 2)", True, "(1,2)"),
+    ("boxed", "\\boxed{1,000}", "1000", True, "1,000"),
+    ("boxed", "\\boxed{\\pi}", "3.14", False, "\\pi"),
+    ("boxed", "The answer is 72", "72", False, None),
+    ("boxed", "\\boxed{12", "12", False, None),
+    # the tiny arithmetic model
+    ("plain", "19\n", "19", True, "19"),
+    ("plain", "-4", "-4", True, "-4"),
+    ("plain", "19\n20", "20", False, "19"),
+    ("plain", "19 because", "19", False, "19 because"),
+    ("plain", "", "19", False, None),
+    # auto: boxed, then ####, then the last number
+    ("auto", "so \\boxed{7} #### 8", "7", True, "7"),
+    ("auto", "#### 8", "8", True, "8"),
+    ("auto", "it is 9", "9", True, "9"),
+    ("auto", "", "1", False, None),
+    # odd input
+    ("auto", "\ufffd\ufffd #### 5", "5", True, "5"),
+    ("boxed", "\\boxed{\ufffd}", "5", False, "\ufffd"),
+    ("auto", "\udcff 5", "5", True, "5"),
+    ("boxed", "\\boxed{\udcff\\frac{}}", "5", False, "\udcff\\frac{}"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkers():
+    made = {style: AnswerChecker(style, timeout_s=5) for style in STYLES}
+    yield made
+    for checker in made.values():
+        checker.close()
+
+
+@pytest.mark.parametrize("style, completion, gold, correct, extracted", CASES)
+def test_grading_cases(checkers, style, completion, gold, correct, extracted):
+    grade = checkers[style].grade(completion, gold)
+    assert grade == Grade(float(correct), correct, extracted, None)
+
+
+def test_grade_many_keeps_order_and_counts():
+    with AnswerChecker("auto", timeout_s=5) as checker:
+        grades = checker.grade_many(["#### 3", "\\boxed{\\frac{1}{2}}", "nothing", "#### 4"],
+                                    ["3", "0.5", "1", "5"])
+        assert [g.correct for g in grades] == [True, True, False, False]
+        assert [g.reward for g in grades] == [1.0, 1.0, 0.0, 0.0]
+        assert checker.counters == {"checked": 4, "correct": 2, "no_answer": 1, "timeouts": 0,
+                                    "errors": 0}
+        checker.grade("#### 3", "3")
+        assert checker.counters["checked"] == 5 and checker.counters["correct"] == 3
+
+
+def test_exact_number_path_agrees_with_math_verify():
+    """The sympy-free path for plain numbers decides like math-verify does."""
+    compare = _math_verify_comparison()
+    rng = random.Random(0)
+    pairs = [("72", "72.0"), ("007", "7"), ("-0", "0"), ("1.50", "1.5"), ("3", "4"),
+             ("-3", "3"), ("2.5", "2.50"), ("10", "1")]
+    pairs += [(str(rng.randint(-50, 50)), str(rng.randint(-50, 50))) for _ in range(100)]
+    decided = 0
+    for predicted, gold in pairs:
+        exact = _exact_number_comparison(predicted, gold)
+        if exact is not None:
+            decided += 1
+            assert exact == compare(predicted, gold), (predicted, gold)
+    assert decided == len(pairs)
+    assert _exact_number_comparison("0.3333333", "0.3333334") is None  # rounding: math-verify
+    assert _exact_number_comparison("\\frac{1}{2}", "0.5") is None
+
+
+def test_pathological_input_times_out_and_checker_recovers():
+    with AnswerChecker("boxed", timeout_s=1) as checker:
+        start = time.monotonic()
+        grades = checker.grade_many(["\\boxed{2}", PATHOLOGICAL, "\\boxed{\\frac{1}{2}}"],
+                                    ["2", "5", "0.5"])
+        assert time.monotonic() - start < 20
+        assert grades[1] == Grade(0.0, False, "9^{9^{9^{9}}}", "timeout")
+        assert grades[2].correct  # items after the timed-out one are graded
+        assert checker.counters["timeouts"] == 1 and checker.counters["errors"] == 0
+        pid = checker.worker_pid
+        assert checker.grade("\\boxed{3}", "3").correct  # int fast path
+        assert checker.grade("\\boxed{x^2}", "x^{2}").correct
+        assert checker.worker_pid == pid  # the child's own timer fired; no restart
+
+
+def test_timeout_works_when_called_from_a_thread():
+    """Callers (Ray threaded actors, vLLM) are often not on the main thread."""
+    results = []
+    with AnswerChecker("boxed", timeout_s=1) as checker:
+        thread = threading.Thread(
+            target=lambda: results.extend(checker.grade_many([PATHOLOGICAL, "\\boxed{1/2}"],
+                                                             ["5", "0.5"])))
+        thread.start()
+        thread.join(timeout=60)
+    assert [g.failure for g in results] == ["timeout", None]
+    assert results[1].correct
+
+
+def test_watchdog_kills_a_child_that_ignores_the_timer():
+    with AnswerChecker("plain", timeout_s=0.5, verifier=HOOK) as checker:
+        assert checker.grade("7", "7").correct
+        first_pid = checker.worker_pid
+        start = time.monotonic()
+        grades = checker.grade_many(["hang", "8", "9"], ["1", "8", "1"])
+        elapsed = time.monotonic() - start
+        assert grades[0] == Grade(0.0, False, "hang", "timeout")
+        assert [g.correct for g in grades[1:]] == [True, False]  # graded by a fresh child
+        assert 2.5 <= elapsed < 30  # watchdog: 2 * timeout_s + 2 s
+        assert checker.worker_pid not in (None, first_pid)
+        assert checker.counters["timeouts"] == 1
+        assert checker.grade("5", "5").correct
+
+
+def test_checker_exception_gives_zero_reward_and_is_counted():
+    with AnswerChecker("plain", timeout_s=5, verifier=HOOK) as checker:
+        assert checker.grade("boom", "boom") == Grade(0.0, False, "boom", "error")
+        pid = checker.worker_pid
+        assert checker.grade("3", "3").correct
+        assert checker.worker_pid == pid
+        assert checker.counters["errors"] == 1 and checker.counters["checked"] == 2
+
+
+def test_child_crash_is_an_error_and_checker_restarts():
+    with AnswerChecker("plain", timeout_s=5, verifier=HOOK) as checker:
+        grades = checker.grade_many(["crash", "4"], ["1", "4"])
+        assert grades[0].failure == "error" and grades[1].correct
+        assert checker.counters["errors"] == 1
+
+
+def test_odd_inputs_never_crash(checkers):
+    checker = checkers["auto"]
+    completions = ["", None, b"\xff\xfe #### 7", "\ufffd" * 1000, "x" * 1_000_000 + " 5",
+                   "\\boxed{" * 500, "\x00\x01 \\boxed{\\frac{1}{0}}"]
+    grades = checker.grade_many(completions, ["7"] * len(completions))
+    assert [g.correct for g in grades] == [False, False, True, False, False, False, False]
+    assert [g.extracted for g in grades[:3]] == [None, None, "7"]
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="style 'latex' is unknown"):
+        AnswerChecker("latex")
+    with pytest.raises(ValueError, match="timeout_s"):
+        AnswerChecker(timeout_s=0)
+    with pytest.raises(ValueError, match="verifier must be 'module:function'"):
+        AnswerChecker(verifier="no_colon")
+    checker = AnswerChecker()
+    with pytest.raises(ValueError, match="2 completions but 1 gold"):
+        checker.grade_many(["1", "2"], ["1"])
+    with pytest.raises(TypeError, match="must be str"):
+        checker.grade(12, "12")
+
+
+def test_child_starts_lazily_and_close_stops_it():
+    checker = AnswerChecker("boxed")
+    assert checker.grade("\\boxed{4}", "4").correct  # exact path: no child needed
+    assert checker.worker_pid is None
+    assert checker.grade("\\boxed{2^2}", "4").correct
+    pid = checker.worker_pid
+    assert pid is not None
+    with checker:
+        pass
+    assert checker.worker_pid is None
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # reaped by close(); allow the kernel a moment
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    assert checker.grade("\\boxed{2^2}", "4").correct  # starts a new child
+    checker.close()
+
+
+def test_checker_pickles_without_its_child(checkers):
+    original = checkers["boxed"]
+    original.grade("\\boxed{2^2}", "4")
+    copy = pickle.loads(pickle.dumps(original))
+    assert (copy.style, copy.timeout_s, copy.worker_pid) == ("boxed", 5.0, None)
+    assert copy.counters["checked"] == 0
+    assert copy.grade("\\boxed{\\frac{2}{4}}", "0.5").correct
+    copy.close()
+
+
+def test_grading_inside_a_threaded_ray_actor(ray_session):
+    ray = ray_session
+
+    @ray.remote(num_cpus=0, max_concurrency=2)  # threaded actor: methods off the main thread
+    class Grader:
+        def __init__(self):
+            self.checker = AnswerChecker("auto", timeout_s=1)
+
+        def grade(self, completions, golds):
+            return self.checker.grade_many(completions, golds), dict(self.checker.counters)
+
+    grader = Grader.remote()
+    grades, counters = ray.get(grader.grade.remote(
+        ["#### 72", "\\boxed{\\frac{1}{2}}", PATHOLOGICAL, "nothing"], ["72", "0.5", "5", "1"]),
+        timeout=120)
+    assert [(g.correct, g.failure) for g in grades] == [(True, None), (True, None),
+                                                       (False, "timeout"), (False, None)]
+    assert counters == {"checked": 4, "correct": 2, "no_answer": 1, "timeouts": 1, "errors": 0}
+    ray.kill(grader)
