@@ -15,7 +15,9 @@ from typing import Any
 PROJECT_ALGORITHMS: dict[str, str] = {}
 
 # Project environments: name -> "module:attribute" of a gymnasium.Env / MultiAgentEnv class.
-PROJECT_ENVS: dict[str, str] = {}
+PROJECT_ENVS: dict[str, str] = {
+    "MathEnv": "envs.math.env:MathEnv",
+}
 
 
 def import_object(path: str) -> Any:

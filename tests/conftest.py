@@ -32,3 +32,11 @@ def ray_session():
                  log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The embedded tiny model (built on first use, then cached on disk)."""
+    from rllib_ext.llm.tiny import build
+
+    return str(build(quiet=True))

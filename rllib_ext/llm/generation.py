@@ -1,0 +1,219 @@
+"""Generation backends behind one interface: vLLM (the real engine) and transformers.generate.
+
+Both return, per prompt, ``n`` completions with their token ids, the per-token log-probs of the
+sampling distribution that produced them (temperature and top-p applied, i.e. the behaviour
+policy the learner corrects for) and why generation stopped. The transformers backend is the
+fallback for machines without vLLM and the reference the tests compare vLLM against.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn. ``temperature=0`` means greedy."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 8
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.n, int) or self.n < 1:
+            problems.append(f"num_generations (n) must be an integer >= 1, got {self.n!r}")
+        if not 0 <= self.temperature:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_response_tokens must be an integer >= 1, got "
+                            f"{self.max_tokens!r}")
+        if problems:
+            raise ValueError("; ".join(problems) + ". Fix: correct the rollout settings.")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # behaviour log-prob of each token in token_ids
+    finish_reason: str  # "stop" (end-of-sequence token) or "length" (hit max_tokens)
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings
+                 ) -> list[list[Completion]]: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one tensor; returns (input_ids, attention_mask)."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, length - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+class TransformersBackend:
+    """``model.generate`` on the learner-format model (CPU or one GPU)."""
+
+    def __init__(self, model_path: str, *, device: str = "cpu", seed: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        self.model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.device = device
+        self.generator_seed = seed
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling):
+        if self.generator_seed is not None:
+            torch.manual_seed(self.generator_seed)
+            self.generator_seed += 1
+        repeated = [p for p in prompts for _ in range(sampling.n)]
+        input_ids, attention_mask = left_pad(repeated, self.pad_id)
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None,
+            output_scores=True, return_dict_in_generate=True,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        new_tokens = out.sequences[:, input_ids.shape[1]:].cpu()
+        # `scores` are the processed logits the tokens were sampled from.
+        logprobs = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1).cpu()
+        token_logprobs = logprobs.gather(-1, new_tokens[..., None])[..., 0]
+        completions = []
+        for row in range(len(repeated)):
+            ids = new_tokens[row].tolist()
+            stop = ids.index(self.eos_id) + 1 if self.eos_id in ids else None
+            ids = ids[:stop] if stop else ids
+            completions.append(Completion(ids, token_logprobs[row, :len(ids)].tolist(),
+                                          "stop" if stop else "length"))
+        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
+
+    def load_weights(self, state_dict):
+        self.model.load_state_dict(state_dict)
+
+    def close(self):
+        self.model = None
+
+
+class WeightSyncExtension:
+    """vLLM worker extension: reload weights in place inside the running engine.
+
+    ``model_runner.model.load_weights`` fails on CPU after start-up (weights are repacked);
+    the worker's own ``reload_weights`` re-runs the loader's processing and works (about
+    0.03-0.1 s for the tiny model). Weights arrive as a dict of tensors (in-process engine) or
+    as ``torch.save`` bytes (engine in another process, where RPC arguments are serialised).
+    """
+
+    def rllib_ext_load_weights(self, weights) -> int:
+        if isinstance(weights, (bytes, bytearray)):
+            weights = torch.load(io.BytesIO(weights), weights_only=True)
+        self.reload_weights(weights_iterator=iter(list(weights.items())))
+        return len(weights)
+
+
+class VLLMBackend:
+    """A ``vllm.LLM`` engine, in the calling process by default.
+
+    In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniprocess executor) the engine starts in
+    seconds instead of about half a minute on CPU, lives and dies with its Ray actor, and weight
+    syncs pass tensors without serialisation. Note that vLLM's CPU worker then pins the
+    process's OpenMP threads, so keep learners out of this process (env runners are actors).
+    """
+
+    def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 512,
+                 engine_kwargs: dict | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        kwargs = dict(
+            model=model_path, seed=seed, max_model_len=max_model_len,
+            distributed_executor_backend="uni",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            # Behaviour log-probs of the distribution tokens are sampled from.
+            logprobs_mode="processed_logprobs",
+        )
+        if on_cpu:
+            # float32 on AVX2; the CPU backend reads this as a fraction of the node's RAM.
+            kwargs.update(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+        kwargs.update(engine_kwargs or {})
+        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        started = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_seconds = time.perf_counter() - started
+
+    def generate(self, prompts, sampling):
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature,
+                                top_p=sampling.top_p, max_tokens=sampling.max_tokens, logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=False)
+        results = []
+        for output in outputs:
+            completions = []
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
+                completions.append(Completion(ids, logprobs,
+                                              "length" if sample.finish_reason == "length"
+                                              else "stop"))
+            results.append(completions)
+        return results
+
+    def load_weights(self, state_dict):
+        payload = state_dict
+        if not self.in_process:
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            payload = buffer.getvalue()
+        self.llm.collective_rpc("rllib_ext_load_weights", args=(payload,))
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def close(self):
+        if self.llm is not None:
+            engine = getattr(self.llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown:
+                shutdown()
+            self.llm = None
+
+
+def make_backend(kind: str, model_path: str, *, seed: int = 0, max_model_len: int = 512,
+                 engine_kwargs: dict | None = None) -> GenerationBackend:
+    if kind == "vllm":
+        return VLLMBackend(model_path, seed=seed, max_model_len=max_model_len,
+                           engine_kwargs=engine_kwargs)
+    if kind == "transformers":
+        return TransformersBackend(model_path, seed=seed)
+    raise ValueError(f"unknown generation backend '{kind}'. Fix: set generation_backend to "
+                     "'vllm' or 'transformers'.")

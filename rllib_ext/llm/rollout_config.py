@@ -1,0 +1,85 @@
+"""AlgorithmConfig settings shared by every algorithm that samples from an LLM (VCPO, ...)."""
+
+from __future__ import annotations
+
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+
+
+class LLMRolloutConfig(AlgorithmConfig):
+    """An AlgorithmConfig whose env runners are :class:`~rllib_ext.llm.env_runner.LLMEnvRunner`
+    generating from ``model`` with a vLLM (or transformers) engine.
+
+    Set the rollout side with :meth:`llm_rollouts`; the environment (e.g. ``"MathEnv"``) and its
+    dataset with ``environment(env=..., env_config=...)`` as usual.
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class)
+        from rllib_ext.llm.env_runner import LLMEnvRunner
+
+        self.env_runner_cls = LLMEnvRunner
+        self.model = "tiny"
+        self.generation_backend = "vllm"
+        self.num_generations = 8
+        self.prompts_per_sample = 8
+        self.temperature = 1.0
+        self.top_p = 1.0
+        self.max_prompt_tokens = 64
+        self.max_response_tokens = 8
+        self.engine_kwargs = {}
+        self.eval_temperature = 0.0
+        self.eval_split = "test"
+        self.eval_num_problems = None
+
+    def llm_rollouts(self, *, model=NotProvided, generation_backend=NotProvided,
+                     num_generations=NotProvided, prompts_per_sample=NotProvided,
+                     temperature=NotProvided, top_p=NotProvided, max_prompt_tokens=NotProvided,
+                     max_response_tokens=NotProvided, engine_kwargs=NotProvided,
+                     eval_temperature=NotProvided, eval_split=NotProvided,
+                     eval_num_problems=NotProvided) -> LLMRolloutConfig:
+        """Rollout settings.
+
+        Args:
+            model: "tiny" (the embedded model), a local model directory or a Hugging Face id.
+            generation_backend: "vllm" (default) or "transformers" (no vLLM needed; slower).
+            num_generations: responses per prompt (the group size n).
+            prompts_per_sample: prompts per env-runner ``sample()`` call.
+            temperature, top_p: training sampling parameters (the behaviour policy).
+            max_prompt_tokens, max_response_tokens: observation/action widths; prompts longer
+                than max_prompt_tokens are skipped (counted), responses stop at
+                max_response_tokens (counted as truncated).
+            engine_kwargs: extra keyword arguments for ``vllm.LLM``.
+            eval_temperature: 0 = greedy evaluation.
+            eval_split, eval_num_problems: the held-out split and how many of its problems
+                (None = all) the accuracy evaluation uses.
+        """
+        for name, value in list(locals().items()):
+            if name != "self" and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+
+        if self.generation_backend not in ("vllm", "transformers"):
+            self._value_error(f"generation_backend must be 'vllm' or 'transformers', got "
+                              f"{self.generation_backend!r}.")
+        if self.temperature <= 0:
+            self._value_error(f"temperature must be > 0 for training rollouts (the learner "
+                              f"scores tokens at the same temperature), got {self.temperature}.")
+        if not isinstance(self.prompts_per_sample, int) or self.prompts_per_sample < 1:
+            self._value_error(f"prompts_per_sample must be an integer >= 1, got "
+                              f"{self.prompts_per_sample!r}.")
+        if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
+            self._value_error(f"max_prompt_tokens must be an integer >= 1, got "
+                              f"{self.max_prompt_tokens!r}.")
+        try:
+            self.sampling_settings()
+        except ValueError as e:
+            self._value_error(str(e))
+
+    def sampling_settings(self):
+        from rllib_ext.llm.generation import SamplingSettings
+
+        return SamplingSettings(n=self.num_generations, temperature=self.temperature,
+                                top_p=self.top_p, max_tokens=self.max_response_tokens)
