@@ -12,11 +12,16 @@ import importlib
 from typing import Any
 
 # Project algorithms: name -> "module:attribute" (imported lazily: importing them pulls torch).
-PROJECT_ALGORITHMS: dict[str, str] = {}
+PROJECT_ALGORITHMS: dict[str, str] = {
+    "VCPO": "rllib_ext.algorithms.vcpo.vcpo:VCPO",
+    "TMFPG": "rllib_ext.algorithms.tmf_pg.tmf_pg:TMFPG",
+}
 
 # Project environments: name -> "module:attribute" of a gymnasium.Env / MultiAgentEnv class.
 PROJECT_ENVS: dict[str, str] = {
     "MathEnv": "envs.math.env:MathEnv",
+    "ResourceSelection": "envs.mean_field.resource_selection:ResourceSelectionEnv",
+    "DynamicQueueing": "envs.mean_field.queueing:DynamicQueueingEnv",
 }
 
 

@@ -171,8 +171,11 @@ def test_vllm_and_transformers_agree_on_greedy_accuracy(ray_session, runner, tin
     ({"prompts_per_sample": 0}, "prompts_per_sample must be an integer >= 1"),
 ])
 def test_bad_rollout_settings_are_refused(overrides, message):
+    from rllib_ext.algorithms.vcpo.vcpo import VCPOConfig
+
+    config = VCPOConfig().environment("MathEnv").llm_rollouts(**overrides)
     with pytest.raises(ValueError) as error:
-        rollout_config(**overrides).validate()
+        config.validate()
     assert message in str(error.value)
 
 

@@ -61,7 +61,7 @@ class LLMEnvRunner(EnvRunner):
         super().__init__(config=config, **kwargs)
         from transformers import AutoTokenizer
 
-        self.model_path = resolve_model(self.config.model)
+        self.model_path = resolve_model(self.config.llm_model)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.eos_id = tokenizer.eos_token_id
         observation_space, action_space = token_spaces(
@@ -285,5 +285,5 @@ def hf_state_dict_from_module_state(module_state: dict) -> dict[str, torch.Tenso
     """RLModule state (``model.``-prefixed names, numpy or torch values) -> the Hugging Face
     model's state dict."""
     prefix = "model."
-    return {name[len(prefix):] if name.startswith(prefix) else name: torch.as_tensor(value)
+    return {name[len(prefix):] if name.startswith(prefix) else name: torch.as_tensor(np.asarray(value))
             for name, value in module_state.items()}

@@ -7,7 +7,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 
 class LLMRolloutConfig(AlgorithmConfig):
     """An AlgorithmConfig whose env runners are :class:`~rllib_ext.llm.env_runner.LLMEnvRunner`
-    generating from ``model`` with a vLLM (or transformers) engine.
+    generating from ``llm_model`` with a vLLM (or transformers) engine.
 
     Set the rollout side with :meth:`llm_rollouts`; the environment (e.g. ``"MathEnv"``) and its
     dataset with ``environment(env=..., env_config=...)`` as usual.
@@ -18,7 +18,8 @@ class LLMRolloutConfig(AlgorithmConfig):
         from rllib_ext.llm.env_runner import LLMEnvRunner
 
         self.env_runner_cls = LLMEnvRunner
-        self.model = "tiny"
+        # `model` is taken by RLlib (the old stack's model dict).
+        self.llm_model = "tiny"
         self.generation_backend = "vllm"
         self.num_generations = 8
         self.prompts_per_sample = 8
@@ -31,7 +32,7 @@ class LLMRolloutConfig(AlgorithmConfig):
         self.eval_split = "test"
         self.eval_num_problems = None
 
-    def llm_rollouts(self, *, model=NotProvided, generation_backend=NotProvided,
+    def llm_rollouts(self, *, llm_model=NotProvided, generation_backend=NotProvided,
                      num_generations=NotProvided, prompts_per_sample=NotProvided,
                      temperature=NotProvided, top_p=NotProvided, max_prompt_tokens=NotProvided,
                      max_response_tokens=NotProvided, engine_kwargs=NotProvided,
@@ -40,7 +41,7 @@ class LLMRolloutConfig(AlgorithmConfig):
         """Rollout settings.
 
         Args:
-            model: "tiny" (the embedded model), a local model directory or a Hugging Face id.
+            llm_model: "tiny" (the embedded model), a local model directory or a Hugging Face id.
             generation_backend: "vllm" (default) or "transformers" (no vLLM needed; slower).
             num_generations: responses per prompt (the group size n).
             prompts_per_sample: prompts per env-runner ``sample()`` call.
@@ -77,6 +78,12 @@ class LLMRolloutConfig(AlgorithmConfig):
             self.sampling_settings()
         except ValueError as e:
             self._value_error(str(e))
+
+    @property
+    def _model_config_auto_includes(self) -> dict:
+        # The learner's module scores tokens with the model and temperature the engine samples.
+        return super()._model_config_auto_includes | {"model": self.llm_model,
+                                                      "temperature": self.temperature}
 
     def sampling_settings(self):
         from rllib_ext.llm.generation import SamplingSettings

@@ -1,0 +1,366 @@
+"""VCPO: variance-controlled off-policy RL for LLMs on RLlib's asynchronous sampling.
+
+The vLLM env runners generate while the learner trains; a sample produced with policy version
+v is trained at learner version V >= v, and ``max_staleness`` k bounds V - v by admission
+(:mod:`rllib_ext.algorithms.vcpo.staleness`): generation may not run more than k versions ahead,
+and finished work is never dropped. k = 0 is the synchronous on-policy baseline. After every
+update the new weights go to the env runners, which load them into their engines in place.
+
+The learner (:mod:`.torch.vcpo_torch_learner`) corrects for the lag with sequence-level
+truncated importance weights, scales each step's learning rate with the effective sample size,
+and uses the off-policy optimal baseline (OPOB). The paper's comparison methods are settings of
+the same learner (``correction``, ``baseline``, ``ess_lr_rule``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    EVALUATION_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    WEIGHTS_SEQ_NO,
+)
+
+from rllib_ext.algorithms.vcpo.staleness import StalenessController
+from rllib_ext.llm.causal_lm_module import CausalLMRLModule
+from rllib_ext.llm.rollout_config import LLMRolloutConfig
+
+CORRECTIONS = ("seq_tis", "none", "token_tis", "masked_is", "geo_mask")
+BASELINES = ("opob", "grpo")
+OPOB_ROUTES = ("ghost", "loop")
+ESS_RULES = ("sqrt", "linear", "none")
+
+# Algorithm-level metrics (top level of the result dict).
+VCPO_RESULTS = "vcpo"
+
+
+class VCPOConfig(LLMRolloutConfig):
+    """Configuration of :class:`VCPO`.
+
+    Example::
+
+        config = (VCPOConfig()
+                  .environment("MathEnv", env_config={"dataset": {"name": "arithmetic"}})
+                  .llm_rollouts(llm_model="tiny", num_generations=8, prompts_per_sample=8)
+                  .training(max_staleness=4, lr=3e-4, train_batch_size_per_learner=64))
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or VCPO)
+        # The reference settings (GSM8K recipe) where they apply to every model size.
+        self.lr = 1e-6
+        self.weight_decay = 0.1
+        self.grad_clip = 1.0
+        self.grad_clip_by = "global_norm"
+        self.train_batch_size_per_learner = 64
+        self.num_epochs = 1
+        self.minibatch_size = None
+        self.max_staleness = 12
+        self.is_truncation = 8.0
+        self.log_ratio_clamp = 20.0
+        self.correction = "seq_tis"
+        self.geo_mask_low = 0.5
+        self.geo_mask_high = 2.0
+        self.ess_lr_rule = "sqrt"
+        self.ess_reference_ratio = 1.0
+        self.ess_lr_floor = 0.0
+        self.baseline = "opob"
+        self.opob_grad_norms = "ghost"
+        self.updates_per_iteration = 1
+        self.accuracy_eval_interval = 0
+        self.sample_timeout_s = 600.0
+        # One remote vLLM runner and a local learner fit two CPU cores.
+        self.num_env_runners = 1
+        self.num_learners = 0
+        self.max_requests_in_flight_per_env_runner = 4
+        self.restart_failed_env_runners = True
+        self.add_default_connectors_to_learner_pipeline = False
+        self.min_sample_timesteps_per_iteration = 0
+        self.min_train_timesteps_per_iteration = 0
+
+    def training(self, *, max_staleness=NotProvided, is_truncation=NotProvided,
+                 log_ratio_clamp=NotProvided, correction=NotProvided, geo_mask_low=NotProvided,
+                 geo_mask_high=NotProvided, ess_lr_rule=NotProvided,
+                 ess_reference_ratio=NotProvided, ess_lr_floor=NotProvided,
+                 baseline=NotProvided, opob_grad_norms=NotProvided, weight_decay=NotProvided,
+                 updates_per_iteration=NotProvided, accuracy_eval_interval=NotProvided,
+                 sample_timeout_s=NotProvided, **kwargs) -> VCPOConfig:
+        """VCPO settings (plus all of ``AlgorithmConfig.training``).
+
+        Args:
+            max_staleness: k, the most policy versions a trained sample may lag (0 = sync).
+            is_truncation: c in min(w, c) (default 8).
+            log_ratio_clamp: the summed log-ratio is clamped to +-this before exp (default 20).
+            correction: "seq_tis" (VCPO, default), "none", "token_tis", "masked_is",
+                "geo_mask" (geometric-mean sequence masking in [geo_mask_low, geo_mask_high]).
+            ess_lr_rule: "sqrt" (default), "linear" or "none"; ess_reference_ratio rho_ref
+                (1.0 for math, 0.55 for multi-turn in the paper); ess_lr_floor a lower bound
+                on the multiplier.
+            baseline: "opob" (off-policy optimal baseline, default) or "grpo".
+            opob_grad_norms: "ghost" (one forward + backward with activation capture, default)
+                or "loop" (one backward per trajectory, the reference's route).
+            weight_decay: AdamW weight decay (default 0.1).
+            updates_per_iteration: learner updates per RLlib iteration (progress line).
+            accuracy_eval_interval: evaluate held-out accuracy every N iterations (0 = never).
+            sample_timeout_s: longest wait for an env runner's sample before a clear error.
+        """
+        super().training(**kwargs)
+        for name, value in list(locals().items()):
+            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def get_default_learner_class(self):
+        from rllib_ext.algorithms.vcpo.torch.vcpo_torch_learner import VCPOTorchLearner
+
+        return VCPOTorchLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=CausalLMRLModule)
+
+    @property
+    def sample_size(self) -> int:
+        """Trajectories per env-runner sample() call."""
+        return self.prompts_per_sample * self.num_generations
+
+    def validate(self) -> None:
+        super().validate()
+        choices = {"correction": CORRECTIONS, "baseline": BASELINES,
+                   "opob_grad_norms": OPOB_ROUTES, "ess_lr_rule": ESS_RULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                self._value_error(f"{name} must be one of {allowed}, got "
+                                  f"{getattr(self, name)!r}.")
+        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            self._value_error(f"max_staleness must be an integer >= 0 (0 = synchronous), got "
+                              f"{self.max_staleness!r}.")
+        if self.num_generations < 2:
+            self._value_error("num_generations must be >= 2: the baselines compare responses "
+                              "within a group.")
+        batch = self.train_batch_size_per_learner
+        if not isinstance(batch, int) or batch % self.sample_size:
+            self._value_error(
+                f"train_batch_size_per_learner ({batch}) must be a multiple of "
+                f"prompts_per_sample x num_generations = {self.sample_size}, so that batches "
+                "hold whole groups.")
+        if self.minibatch_size is not None and (
+                self.minibatch_size % self.num_generations or batch % self.minibatch_size):
+            self._value_error(
+                f"minibatch_size ({self.minibatch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations}) that divides "
+                f"train_batch_size_per_learner ({batch}), so minibatches hold whole groups.")
+        if not self.is_truncation > 0:
+            self._value_error(f"is_truncation must be > 0, got {self.is_truncation}.")
+        if not self.ess_reference_ratio > 0 or not 0 <= self.ess_lr_floor <= 1:
+            self._value_error("ess_reference_ratio must be > 0 and ess_lr_floor in [0, 1].")
+        if not 0 < self.geo_mask_low <= self.geo_mask_high:
+            self._value_error("need 0 < geo_mask_low <= geo_mask_high.")
+        if self.baseline == "opob" and self.opob_grad_norms == "ghost" \
+                and self.model_config.get("gradient_checkpointing"):
+            self._value_error("opob_grad_norms='ghost' cannot run with gradient checkpointing. "
+                              "Fix: use opob_grad_norms='loop' or disable checkpointing.")
+        wants_gpu = (self.num_gpus_per_learner or 0) > 0 or (self.num_gpus_per_env_runner or 0) > 0
+        if wants_gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                self._value_error(
+                    "this config asks for GPUs (num_gpus_per_learner / num_gpus_per_env_runner) "
+                    "but no CUDA device is visible. Fix: run it on a GPU machine (make "
+                    "venv-gpu), or on CPU use tuned_examples/vcpo_math_tiny.yaml.")
+
+
+class VCPO(Algorithm):
+    """Asynchronous VCPO training loop (see the module docstring)."""
+
+    progress_metrics = (
+        ("acc", "env_runners/accuracy", "{:.1%}"),
+        ("heldout", "evaluation/accuracy", "{:.1%}"),
+        ("ess", "learners/default_policy/ess_ratio", "{:.2f}"),
+        ("staleness", "learners/default_policy/staleness_mean", "{:.1f}"),
+        ("samples/s", "vcpo/samples_per_s", "{:.0f}"),
+    )
+
+    @classmethod
+    def get_default_config(cls) -> VCPOConfig:
+        return VCPOConfig()
+
+    def setup(self, config) -> None:
+        super().setup(config)
+        self._staleness = StalenessController(self.config.max_staleness,
+                                              self.config.train_batch_size_per_learner)
+        # Algorithm.setup already pushed version 0 to every runner.
+        self._sent_version = {i: 0 for i in self.env_runner_group.healthy_env_runner_ids()}
+        self._weights_ref = None
+        self._weights_ref_version = -1
+        self._runner_states: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ the loop
+
+    def training_step(self) -> None:
+        started = time.perf_counter()
+        trained = learner_s = 0.0
+        for _ in range(self.config.updates_per_iteration):
+            trained_now, learner_now = self._one_update()
+            trained += trained_now
+            learner_s += learner_now
+        wall = time.perf_counter() - started
+        self.metrics.log_value((VCPO_RESULTS, "samples_per_s"), trained / wall, window=1)
+        self.metrics.log_value((VCPO_RESULTS, "learner_busy_fraction"), learner_s / wall,
+                               window=1)
+        self.metrics.log_value((VCPO_RESULTS, "policy_version"),
+                               self._staleness.learner_version, window=1)
+        if self.config.accuracy_eval_interval and \
+                (self.iteration + 1) % self.config.accuracy_eval_interval == 0:
+            self.evaluate_accuracy()
+
+    def _one_update(self) -> tuple[int, float]:
+        if self.env_runner_group.num_remote_env_runners() == 0:
+            batch = self._sample_locally()
+        else:
+            batch = self._wait_for_admissible_batch()
+        episodes = [episode for sample in batch for episode in sample.payload]
+        self._staleness.trained(batch)
+        started = time.perf_counter()
+        results = self.learner_group.update(
+            episodes=episodes,
+            timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)},
+            num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
+            shuffle_batch_per_epoch=False)
+        learner_s = time.perf_counter() - started
+        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        if self.env_runner_group.num_remote_env_runners() > 0:
+            self._push_weights(self.env_runner_group.healthy_env_runner_ids())
+            self._launch()
+        else:
+            self.env_runner.set_state(self._current_weights(as_ref=False))
+        return len(episodes), learner_s
+
+    def _sample_locally(self):
+        """No remote runners: the local runner samples synchronously (k is moot)."""
+        while (batch := self._staleness.next_batch()) is None:
+            self._staleness.launched(0, self.config.sample_size, self._staleness.learner_version)
+            episodes = self.env_runner.sample()
+            self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+            self._staleness.arrived(0, self._version_of(episodes), len(episodes), episodes)
+        return batch
+
+    def _wait_for_admissible_batch(self):
+        waited_since = time.perf_counter()
+        while True:
+            self._collect()
+            self._launch()
+            batch = self._staleness.next_batch()
+            if batch is not None:
+                return batch
+            if time.perf_counter() - waited_since > self.config.sample_timeout_s:
+                raise TimeoutError(
+                    f"VCPO waited {self.config.sample_timeout_s:.0f} s for samples from env "
+                    f"runners {sorted(self._staleness.in_flight)} (in flight) without getting "
+                    "an admissible train batch. Fix: check the env runners' logs, or raise "
+                    "sample_timeout_s for very long generations.")
+            if not self._staleness.in_flight and not self.env_runner_group.healthy_env_runner_ids():
+                # All runners are down: let RLlib's fault tolerance bring them back.
+                for restored in self.restore_env_runners(self.env_runner_group) or []:
+                    self._sent_version[restored] = -1
+                time.sleep(0.5)
+
+    def _collect(self, wait_s: float = 0.05) -> None:
+        """Fetch finished samples (waiting up to ``wait_s``) into the staleness buffer."""
+        group = self.env_runner_group
+        group.fetch_ready_async_reqs(tags="set_state", timeout_seconds=0.0)
+        results = group.fetch_ready_async_reqs(tags="sample", timeout_seconds=wait_s)
+        metrics = []
+        for runner_id, (episodes_ref, state, runner_metrics) in results:
+            episodes = ray.get(episodes_ref)
+            self._runner_states[runner_id] = state
+            metrics.append(runner_metrics)
+            self._staleness.arrived(runner_id, self._version_of(episodes), len(episodes),
+                                    episodes)
+        if metrics:
+            self.metrics.aggregate(metrics, key=ENV_RUNNER_RESULTS)
+        healthy = set(group.healthy_env_runner_ids())
+        for runner_id in list(self._staleness.in_flight):
+            if runner_id not in healthy:
+                self._staleness.lost(runner_id)
+
+    def _launch(self) -> None:
+        """Start a sample on every idle runner the staleness bound admits, with current weights."""
+        version = self._staleness.learner_version
+        for runner_id in self.env_runner_group.healthy_env_runner_ids():
+            if not self._staleness.can_launch(runner_id, self.config.sample_size):
+                continue
+            if self._sent_version.get(runner_id, -1) < version:
+                self._push_weights([runner_id])
+                if self._sent_version.get(runner_id, -1) < version:
+                    continue  # its weight queue is full; try again on the next pass
+            if self.env_runner_group.foreach_env_runner_async(
+                    "sample_get_state_and_metrics", tag="sample",
+                    remote_worker_ids=[runner_id]):
+                self._staleness.launched(runner_id, self.config.sample_size, version)
+
+    # ------------------------------------------------------------------ weights
+
+    def _current_weights(self, as_ref: bool = True):
+        version = self._staleness.learner_version
+        if self._weights_ref_version != version:
+            state = self.learner_group.get_state(
+                components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE,
+                inference_only=True)[COMPONENT_LEARNER]
+            self._weights = {COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+                             WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]}
+            self._weights_ref = ray.put(self._weights)
+            self._weights_ref_version = version
+        return self._weights_ref if as_ref else self._weights
+
+    def _push_weights(self, runner_ids) -> None:
+        """Queue the current weights on these runners (after their in-flight sample)."""
+        version = self._staleness.learner_version
+        ref = self._current_weights()
+        for runner_id in runner_ids:
+            if self._sent_version.get(runner_id, -1) >= version:
+                continue
+            if self.env_runner_group.foreach_env_runner_async(
+                    "set_state", tag="set_state", kwargs={"state": ref},
+                    remote_worker_ids=[runner_id]):
+                self._sent_version[runner_id] = version
+
+    @staticmethod
+    def _version_of(episodes) -> int:
+        return min(int(e.get_extra_model_outputs(WEIGHTS_SEQ_NO, 0)) for e in episodes)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate_accuracy(self) -> dict:
+        """Held-out accuracy with the current weights, on one env runner's engine."""
+        runner_ids = self.env_runner_group.healthy_env_runner_ids()
+        if runner_ids:
+            self._push_weights(runner_ids[:1])
+            [result] = self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.evaluate(), remote_worker_ids=runner_ids[:1],
+                local_env_runner=False, timeout_seconds=self.config.sample_timeout_s)
+        else:
+            result = self.env_runner.evaluate()
+        result["policy_version"] = self._staleness.learner_version
+        for key, value in result.items():
+            self.metrics.log_value((EVALUATION_RESULTS, key), value, window=1)
+        return result
+
+    # ------------------------------------------------------------------ fault tolerance
+
+    def restore_env_runners(self, env_runner_group):
+        restored = super().restore_env_runners(env_runner_group)
+        for runner_id in restored or []:
+            # A restarted runner lost its request and holds its initial weights.
+            self._staleness.lost(runner_id)
+            self._sent_version[runner_id] = -1
+        return restored
