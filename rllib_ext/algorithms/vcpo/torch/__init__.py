@@ -1,0 +1,1 @@
+"""PyTorch-specific parts of VCPO."""

@@ -1,0 +1,809 @@
+"""Exact per-trajectory score-function gradients for OPOB.
+
+For trajectory ``i`` of a batch, ``g_i = grad_theta sum_t mask_it * logp_it`` (its score
+function; ``logp [B, T]`` comes from the caller's ``forward_fn(model, batch)``). OPOB needs the
+squared norms ``||g_i||^2`` before it can weight the gradient ``sum_i c_i g_i``. Two exact routes:
+
+* the loop (reference) route, :func:`score_grad_sq_norms_loop` and :func:`loop_accumulate`: one
+  forward + backward per trajectory (micro-batch of 1); ground truth, and the config-selectable
+  "exact" route of the reference implementation (two accumulators per group, no second pass);
+* :class:`PerSampleGradients`: one forward with hooks plus one backward pass that computes only
+  input gradients; the per-trajectory parameter gradients are then rebuilt from each layer's
+  captured input ``a`` and output gradient ``g`` (rows of a batch do not interact, so row ``i``
+  of ``g`` is trajectory ``i``'s output gradient). A weight gradient is ``G_i = sum_t g_it a_it^T``;
+  it is either materialised per trajectory (``[B, out, in]``, the same FLOPs as the weight
+  gradient of a normal backward, after which ``sum_i c_i G_i`` is nearly free) or, when memory
+  does not allow, its norm is taken as a "ghost norm"
+  ``||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is)`` and ``sum_i c_i G_i`` is one matmul later.
+
+Assumptions of :class:`PerSampleGradients` (checked where checkable, with a clear error):
+the batch dimension is dim 0 of every hooked module's input and output; trajectories do not
+interact inside the model (no batch norm, no cross-row ops); every trainable parameter belongs to
+an ``nn.Linear``, an ``nn.Embedding`` or an elementwise-affine module ``y = weight * h(x) + bias``
+(RMSNorm / LayerNorm style, verified numerically at construction); no hooked tensor is modified
+in place after the hook saw it; no gradient checkpointing (it would re-run the hooks).
+Padding needs no special care: a padded position whose output reaches no real log-prob has an
+output gradient of exactly 0, so it adds nothing - as in autograd. ``nn.Embedding.padding_idx``
+rows get no gradient, as in autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from rllib_ext.algorithms.vcpo import losses
+
+ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
+
+STRATEGIES = ("auto", "materialize", "chunked", "ghost")
+
+# Elements of one [chunk, L, L] Gram block in a ghost norm (bounds its temporary memory).
+_GRAM_CHUNK_ELEMENTS = 1 << 26
+
+
+class UnsupportedModuleError(TypeError):
+    """A module holds trainable parameters whose per-sample gradients we cannot compute exactly."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _score_objective(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_i sum_t mask_it * logp_it``; masked positions excluded with ``where``."""
+    if logp.dim() != 2:
+        raise ValueError(f"forward_fn must return logp of shape [B, T]; got {tuple(logp.shape)}")
+    if mask.shape != logp.shape:
+        raise ValueError(
+            f"mask must have the shape of logp {tuple(logp.shape)}; got {tuple(mask.shape)}"
+        )
+    keep = mask != 0
+    weight = mask.detach().to(logp.dtype)
+    return torch.where(keep, weight * logp, torch.zeros_like(logp)).sum()
+
+
+def _trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True)")
+    return params
+
+
+def _batch_row(batch: Any, i: int, size: int, path: str = "batch") -> Any:
+    """Row ``i`` (kept as a batch of 1) of every tensor in a (nested) dict/list/tuple batch."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0 or batch.shape[0] != size:
+            raise ValueError(
+                f"{path} has shape {tuple(batch.shape)}; every tensor of the batch must have "
+                f"the batch size B={size} as dim 0 for the per-trajectory loop"
+            )
+        return batch[i : i + 1]
+    if isinstance(batch, Mapping):
+        return {k: _batch_row(v, i, size, f"{path}[{k!r}]") for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_batch_row(v, i, size, f"{path}[{j}]") for j, v in enumerate(batch))
+    return batch
+
+
+def _accumulate_into_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Route A: one forward + backward per trajectory (reference / ground truth)
+# --------------------------------------------------------------------------------------------
+
+
+def _per_trajectory_score_grads(
+    model: nn.Module, forward_fn: ForwardFn, batch: Any, mask: torch.Tensor, rows: list[int]
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield ``(i, g_i)`` for ``i`` in ``rows``; ``g_i`` lists one tensor per trainable param."""
+    params = [p for _, p in _trainable_named_parameters(model)]
+    size = mask.shape[0]
+    for i in rows:
+        logp = forward_fn(model, _batch_row(batch, i, size))
+        objective = _score_objective(logp, mask[i : i + 1])
+        grads = torch.autograd.grad(objective, params, allow_unused=True, materialize_grads=True)
+        yield i, list(grads)
+
+
+def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    return sum(g.double().pow(2).sum() for g in grads)
+
+
+def score_grad_sq_norms_loop(
+    model: nn.Module, forward_fn: ForwardFn, batch: Any, mask: torch.Tensor
+) -> torch.Tensor:
+    """``||g_i||^2`` for each trajectory by one forward + backward per trajectory, ``[B]`` float64.
+
+    ``g_i = grad_theta sum_t mask_it * logp_it`` over all trainable parameters; ``forward_fn`` is
+    called on row ``i`` of every tensor in ``batch`` (dim 0 = batch). Leaves ``.grad`` untouched.
+    """
+    out = torch.zeros(mask.shape[0], dtype=torch.float64)
+    for i, grads in _per_trajectory_score_grads(model, forward_fn, batch, mask, list(range(mask.shape[0]))):
+        out[i] = _sq_norm(grads)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OPOBGradientResult:
+    """What one OPOB gradient computation found, per trajectory (``[B]`` each)."""
+
+    grad_sq_norms: torch.Tensor
+    baselines: torch.Tensor
+    advantages: torch.Tensor
+
+
+def loop_accumulate(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    group_ids: torch.Tensor,
+    normalizer: float,
+    eps: float = 1e-6,
+    baseline_eps: float = 1e-20,
+) -> OPOBGradientResult:
+    """The reference's exact OPOB route: adds the OPOB policy gradient into ``p.grad``.
+
+    One forward + backward per trajectory; per group ``g`` two accumulators
+    ``S_R = sum_{i in g} R_i w_i g_i`` and ``S_1 = sum_{i in g} w_i g_i`` plus the norms
+    ``||g_i||^2``; at the group's end ``b*_g`` (:func:`losses.opob_baseline`) and the group std
+    ``sigma_g`` are known and ``p.grad += -(1/normalizer) (1/sigma_g) (S_R - b*_g S_1)`` (groups
+    with ``sigma_g <= eps`` add nothing). That is the gradient of
+    ``losses.policy_gradient_loss(logp, mask, A * w, normalizer)`` with
+    ``A = losses.opob_advantages(rewards, w, norms, group_ids, eps)``; ``weights`` are the
+    truncated IS weights ``w``. Memory: two parameter-sized accumulators.
+    """
+    size = mask.shape[0]
+    params = [p for _, p in _trainable_named_parameters(model)]
+    norms = torch.zeros(size, dtype=torch.float64)
+    for gid in torch.unique(group_ids).tolist():
+        rows = (group_ids == gid).nonzero().flatten().tolist()
+        sum_rg = [torch.zeros_like(p, dtype=_accumulation_dtype(p.dtype)) for p in params]
+        sum_g = [torch.zeros_like(p, dtype=_accumulation_dtype(p.dtype)) for p in params]
+        for i, grads in _per_trajectory_score_grads(model, forward_fn, batch, mask, rows):
+            norms[i] = _sq_norm(grads)
+            w, rw = float(weights[i]), float(weights[i]) * float(rewards[i])
+            for acc_rg, acc_g, g in zip(sum_rg, sum_g, grads, strict=True):
+                acc_rg.add_(g, alpha=rw)
+                acc_g.add_(g, alpha=w)
+        local = torch.zeros(len(rows), dtype=torch.long)
+        baseline = float(losses.opob_baseline(
+            rewards[rows], weights[rows], norms[rows].to(rewards.dtype), local, eps=baseline_eps
+        )[0])
+        sigma = float(losses.group_reward_std(rewards[rows], local)[0])
+        if sigma <= eps:
+            continue
+        scale = -1.0 / (float(normalizer) * sigma)
+        for p, acc_rg, acc_g in zip(params, sum_rg, sum_g, strict=True):
+            _accumulate_into_grad(p, acc_rg.sub_(acc_g, alpha=baseline).mul_(scale))
+    norms_r = norms.to(rewards.dtype)
+    return OPOBGradientResult(
+        grad_sq_norms=norms,
+        baselines=losses.opob_baseline(rewards, weights, norms_r, group_ids, eps=baseline_eps),
+        advantages=losses.opob_advantages(
+            rewards, weights, norms_r, group_ids, eps=eps, baseline_eps=baseline_eps
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Route B: per-sample gradients from captured activations and output gradients
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Factored:
+    """Per-sample gradient ``G_b = sum_t left_bt right_bt^T`` of a ``[rows, cols]`` parameter.
+
+    ``left`` is ``[B, L, rows]``, or ``[B, L]`` int64 row indices (``left_bt = onehot``, the
+    embedding case); ``right`` is ``[B, L, cols]``.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    rows: int
+
+    @property
+    def indexed(self) -> bool:
+        return not self.left.dtype.is_floating_point
+
+    def add_into(self, out: torch.Tensor, lo: int, hi: int, first: bool) -> None:
+        """``out = G[lo:hi]`` (``first``) or ``out += G[lo:hi]``; ``out`` is ``[hi-lo, rows, cols]``."""
+        if not self.indexed:
+            left = self.left[lo:hi].transpose(1, 2)
+            if first:
+                torch.bmm(left, self.right[lo:hi], out=out)
+            else:
+                out.baddbmm_(left, self.right[lo:hi])
+            return
+        if first:
+            out.zero_()
+        count, cols = hi - lo, out.shape[-1]
+        offsets = self.rows * torch.arange(count, device=self.left.device)[:, None]
+        out.view(count * self.rows, cols).index_add_(
+            0, (self.left[lo:hi] + offsets).flatten(), self.right[lo:hi].reshape(-1, cols)
+        )
+
+    def weighted_sum(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``sum_b c_b G_b`` as one matmul over all (b, t) (one index_add for embeddings)."""
+        cols = self.right.shape[-1]
+        if self.indexed:
+            scaled = (coefficients[:, None, None] * self.right).reshape(-1, cols)
+            out = torch.zeros(self.rows, cols, dtype=scaled.dtype, device=scaled.device)
+            return out.index_add_(0, self.left.flatten(), scaled)
+        scaled = (coefficients[:, None, None] * self.left).reshape(-1, self.rows)
+        return scaled.transpose(0, 1) @ self.right.reshape(-1, cols).to(scaled.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PieceShape:
+    """What the planner knows of a factored piece before its gradient exists."""
+
+    indexed: bool  # one-hot left factor (embedding lookup)
+    length: int  # positions per sample (L)
+
+
+def _left_gram(a: _Factored, b: _Factored) -> torch.Tensor:
+    """``[B, La, Lb]`` inner products of the left factors (one-hot rows are gathered)."""
+    if a.indexed and b.indexed:
+        return (a.left[:, :, None] == b.left[:, None, :]).to(a.right.dtype)
+    if a.indexed:  # onehot(x_t) . left_s = left_s[x_t]
+        index = a.left[:, None, :].expand(-1, b.left.shape[1], -1)
+        return torch.gather(b.left, 2, index).transpose(1, 2)
+    if b.indexed:
+        return _left_gram(b, a).transpose(1, 2)
+    return torch.bmm(a.left, b.left.transpose(1, 2))
+
+
+def _ghost_inner(a: _Factored, b: _Factored) -> torch.Tensor:
+    """``<G^a_i, G^b_i>_F = sum_{t,s} (left^a_t . left^b_s)(right^a_t . right^b_s)``, ``[B]``."""
+    batch, la, lb = a.right.shape[0], a.right.shape[1], b.right.shape[1]
+    chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, la * lb))
+    out = []
+    for lo in range(0, batch, chunk):
+        hi = lo + chunk
+        part_a = _Factored(a.left[lo:hi], a.right[lo:hi], a.rows)
+        part_b = _Factored(b.left[lo:hi], b.right[lo:hi], b.rows)
+        right = torch.bmm(part_a.right, part_b.right.transpose(1, 2))
+        out.append((_left_gram(part_a, part_b) * right).sum(dim=(1, 2), dtype=torch.float32))
+    return torch.cat(out)
+
+
+def _sq_norms_of(per_sample: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(per_sample.flatten(1), dim=1, dtype=torch.float32).square()
+
+
+Scratch = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+class _ParamGrads:
+    """The per-sample gradient of one parameter, built from the pieces its module calls give.
+
+    A parameter used by several calls (tied embeddings, a reused module) gets one piece per
+    call; the pieces are summed per sample BEFORE the norm is taken. Pieces arrive during the
+    backward pass (from tensor hooks, while the output gradient is still in cache); the norm is
+    taken as soon as the last expected piece is in.
+    """
+
+    def __init__(self, name: str, param: nn.Parameter, batch: int) -> None:
+        self.name, self.param, self.batch = name, param, batch
+        self.shapes: list[_PieceShape] = []  # of the factored pieces to come
+        self.expected = 0  # pieces to come, factored and dense
+        self.route = "materialize"
+        self.factored: list[_Factored] = []
+        self.dense: list[torch.Tensor] = []  # [B, *shape] each
+        self.stored: torch.Tensor | None = None  # [B, *shape] (materialize)
+        self.received = 0
+        self.norms: torch.Tensor | None = None
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _build_flops(self) -> int:
+        rows, cols = self.param.shape[0], self.param.numel() // self.param.shape[0]
+        return sum(self.batch * s.length * cols * (1 if s.indexed else 2 * rows) for s in self.shapes)
+
+    def _ghost_flops(self) -> int:
+        rows, cols = self.param.shape[0], self.param.numel() // self.param.shape[0]
+        return sum(
+            2 * self.batch * a.length * b.length * (cols + (0 if a.indexed or b.indexed else rows))
+            for j, a in enumerate(self.shapes) for b in self.shapes[j:]
+        )
+
+    def choose_route(self, strategy: str, budget_bytes: int, chunk_bytes: int) -> int:
+        """Pick the route; returns the bytes of per-sample storage it keeps."""
+        sample_bytes = self.param.numel() * self.param.element_size()
+        stored_bytes = self.batch * sample_bytes
+        has_dense = self.expected > len(self.shapes)
+        if not self.shapes:  # biases and norm weights: [B, d], always stored
+            self.route = "materialize"
+        elif strategy == "materialize" or (strategy == "auto" and stored_bytes <= budget_bytes):
+            self.route = "materialize"
+        elif strategy == "ghost" and not has_dense:
+            self.route = "ghost"
+        elif strategy == "chunked" or has_dense:
+            self.route = "chunked"
+        else:  # auto, over budget: the cheaper norm that fits the scratch space
+            cheaper = self._build_flops() <= self._ghost_flops()
+            self.route = "chunked" if cheaper and sample_bytes <= chunk_bytes else "ghost"
+        return stored_bytes if self.route == "materialize" and self.shapes else 0
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def add(self, piece: _Factored | torch.Tensor, scratch: Scratch) -> None:
+        if self.route == "materialize":
+            self._store(piece, scratch)
+        elif isinstance(piece, _Factored):
+            self.factored.append(piece)
+        else:
+            self.dense.append(piece)
+        self.received += 1
+        if self.received == self.expected:
+            self.norms = self._sq_norms(scratch)
+
+    def _store(self, piece: _Factored | torch.Tensor, scratch: Scratch) -> None:
+        first = self.stored is None
+        if first and self.expected == 1 and not isinstance(piece, _Factored):
+            self.stored = piece  # a lone dense piece is already the per-sample gradient
+            return
+        if first:
+            flat = scratch(f"store:{self.name}", self.batch * self.param.numel(), _like(piece))
+            self.stored = flat[: self.batch * self.param.numel()].view(self.batch, *self.param.shape)
+        if isinstance(piece, _Factored):
+            piece.add_into(self.stored.view(self.batch, piece.rows, -1), 0, self.batch, first)
+        elif first:
+            self.stored.copy_(piece)
+        else:
+            self.stored.add_(piece)
+
+    def _fill(self, flat: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Write ``G[lo:hi]`` (all pieces summed) into the flat scratch tensor ``flat``."""
+        shaped = flat[: (hi - lo) * self.param.numel()].view(hi - lo, *self.param.shape)
+        first = True
+        for f in self.factored:
+            f.add_into(shaped.view(hi - lo, f.rows, -1), lo, hi, first)
+            first = False
+        for d in self.dense:
+            shaped.copy_(d[lo:hi]) if first else shaped.add_(d[lo:hi])
+            first = False
+        return shaped
+
+    def _sq_norms(self, scratch: Scratch) -> torch.Tensor:
+        if self.route == "materialize":
+            return _sq_norms_of(self.stored)
+        if self.route == "chunked":
+            numel = self.param.numel()
+            flat = scratch("chunk", numel, _like(self.factored[0]))
+            chunk = max(1, flat.numel() // numel)
+            return torch.cat([_sq_norms_of(self._fill(flat, lo, min(self.batch, lo + chunk)))
+                              for lo in range(0, self.batch, chunk)])
+        total = 0  # ghost
+        for j, a in enumerate(self.factored):
+            total = total + _ghost_inner(a, a)
+            for b in self.factored[j + 1 :]:
+                total = total + 2 * _ghost_inner(a, b)
+        return total
+
+    def finish(self, scratch: Scratch) -> torch.Tensor | None:
+        """``||G_b||^2`` ``[B]`` once the backward is over (``None``: the parameter was unused)."""
+        if self.norms is None and self.received:  # a call's output never reached logp
+            self.norms = self._sq_norms(scratch)
+        return self.norms
+
+    def weighted_sum(self, coefficients: torch.Tensor) -> torch.Tensor | None:
+        """``sum_b c_b G_b``: one ``[B] x [B, P]`` product when stored, else one matmul a piece."""
+        if not self.received:
+            return None
+        acc = _accumulation_dtype(self.param.dtype)
+        c = coefficients.to(acc)
+        parts = [f.weighted_sum(c).view(self.param.shape) for f in self.factored]
+        parts += [torch.tensordot(c, d.to(acc), dims=1) for d in self.dense]
+        if self.stored is not None:
+            parts.append(torch.tensordot(c, self.stored.to(acc), dims=1))
+        return functools.reduce(torch.add, parts)
+
+
+def _like(piece: _Factored | torch.Tensor) -> torch.Tensor:
+    return piece.right if isinstance(piece, _Factored) else piece
+
+
+@dataclasses.dataclass
+class _Hooked:
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "embedding" | "scale"
+    weight: nn.Parameter | None  # None when frozen
+    bias: nn.Parameter | None
+
+
+@dataclasses.dataclass
+class _Call:
+    hooked: _Hooked
+    input: torch.Tensor
+    output: torch.Tensor
+    input_version: int
+    output_version: int
+
+
+def _trainable(module: nn.Module, name: str) -> nn.Parameter | None:
+    p = module._parameters.get(name)
+    return p if p is not None and p.requires_grad else None
+
+
+def _is_elementwise_affine(module: nn.Module) -> bool:
+    """Whether ``module(x) == weight * module_{weight=1, bias=0}(x) + bias`` (numerical probe)."""
+    weight = module._parameters.get("weight")
+    bias = module._parameters.get("bias")
+    names = {n for n, p in module._parameters.items() if p is not None}
+    if weight is None or weight.dim() != 1 or not names <= {"weight", "bias"}:
+        return False
+    if bias is not None and bias.shape != weight.shape:
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kw = {"dtype": weight.dtype}
+    x = torch.randn(2, 3, weight.shape[0], generator=g, **kw).to(weight.device)
+    w = (torch.rand(weight.shape, generator=g, **kw) + 0.5).to(weight.device)
+    b = torch.randn(weight.shape, generator=g, **kw).to(weight.device) if bias is not None else None
+    with torch.no_grad():
+        try:
+            y = torch.func.functional_call(module, _affine_params(w, b), (x,))
+            h = _unit_affine_output(module, x)
+        except Exception:  # noqa: BLE001 - any failure means "not this kind of module"
+            return False
+    want = w * h + (b if b is not None else 0)
+    tol = 1e-2 if weight.element_size() < 4 else 1e-5
+    return y.shape == x.shape and torch.allclose(y, want, rtol=tol, atol=tol)
+
+
+def _affine_params(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+
+def _unit_affine_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``h(x)`` of ``y = weight * h(x) + bias``: the module run with weight 1 and bias 0."""
+    weight, bias = module._parameters["weight"], module._parameters.get("bias")
+    ones = torch.ones_like(weight)
+    zeros = torch.zeros_like(bias) if bias is not None else None
+    return torch.func.functional_call(module, _affine_params(ones, zeros), (x,))
+
+
+def _classify(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({kind}) uses max_norm / scale_grad_by_freq / sparse, which "
+                "per-sample gradients do not support; use the loop route instead"
+            )
+        return "embedding"
+    if _is_elementwise_affine(module):
+        return "scale"
+    trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    raise UnsupportedModuleError(
+        f"module {name!r} of type {kind} holds trainable parameters {trainable} whose "
+        "per-sample gradients PerSampleGradients cannot compute exactly (supported: "
+        "nn.Linear, nn.Embedding, elementwise-affine norms y = weight * h(x) + bias); freeze "
+        "them (requires_grad=False) or use score_grad_sq_norms_loop / loop_accumulate"
+    )
+
+
+class PerSampleGradients:
+    """Exact per-trajectory score-function gradients from one forward and one backward pass.
+
+    Usage (one optimiser step)::
+
+        psg = PerSampleGradients(model)
+        with psg.capture():
+            logp = forward_fn(model, batch)               # [B, T], hooks record activations
+        sq_norms = psg.backward(logp, mask)               # ||g_i||^2, [B] float64
+        coefficients = ...                                # e.g. -A_i * w_i / normalizer
+        psg.accumulate_grads(coefficients)                # p.grad += sum_i c_i g_i
+
+    ``g_i = grad_theta sum_t mask_it logp_it``; ``mask`` may be float (per-token weights known
+    after the forward, e.g. token TIS, then enter ``g_i``). ``accumulate_grads`` *adds* to
+    ``p.grad`` like ``loss.backward()`` does. To get the gradient of
+    ``losses.policy_gradient_loss(logp, mask, c, N)`` pass ``coefficients = -c / N``.
+
+    Cost: the forward, and a backward in which autograd computes only input gradients (it is
+    asked for the gradients of the hooked layer outputs, not of the weights). Tensor hooks on
+    those outputs receive each output gradient as soon as it exists and build the per-sample
+    weight gradients right there, while it is in cache, by one of three exact routes per
+    parameter (``strategy`` forces one; ``"auto"`` picks):
+
+    * ``"materialize"``: ``G_i`` for all ``i`` by one batched matmul (the FLOPs of the skipped
+      weight gradient), kept until ``accumulate_grads``, which is then a cheap ``[B] x [B, P]``
+      product. Memory ``B x P`` per parameter (a buffer reused across steps); ``"auto"`` uses it
+      while the total fits ``materialize_budget_bytes``.
+    * ``"chunked"``: ``G_i`` built a few samples at a time in a reused scratch buffer of
+      ``chunk_bytes``, only to take norms; ``accumulate_grads`` then does the normal
+      weight-gradient matmul with ``c``-scaled output gradients. No ``B x P`` memory.
+    * ``"ghost"``: ``||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is)`` from ``L x L`` Gram
+      matrices, ``O(B L^2 (d_in + d_out))`` - cheaper than building ``G_i`` when
+      ``L < d_in d_out / (d_in + d_out)``, and needs no ``d_in x d_out`` scratch (large vocab
+      heads); the gradient as in ``"chunked"``.
+
+    Biases and norm weights (``[B, d]`` per-sample gradients) are always materialised. The
+    chunked and ghost routes keep their layers' activations and output gradients until
+    ``accumulate_grads``; autograd returns every hooked output gradient at the end of the
+    backward, so the peak memory holds all of them at once (about the size of the forward's
+    saved activations). ``accumulate_grads`` frees the step's state; ``release`` also frees the
+    reused buffers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: str = "auto",
+        materialize_budget_bytes: int = 1 << 30,
+        chunk_bytes: int = 1 << 22,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if materialize_budget_bytes < 0:
+            raise ValueError(
+                f"materialize_budget_bytes must be >= 0; got {materialize_budget_bytes}"
+            )
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0; got {chunk_bytes}")
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError(
+                "model has gradient checkpointing enabled; it re-runs forward hooks in the "
+                "backward pass - disable it (model.gradient_checkpointing_disable())"
+            )
+        self.model = model
+        self.strategy = strategy
+        self.materialize_budget_bytes = materialize_budget_bytes
+        self.chunk_bytes = chunk_bytes
+        self._param_names = {id(p): n for n, p in _trainable_named_parameters(model)}
+        self._hooked: list[_Hooked] = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            kind = _classify(name, module)
+            hooked = _Hooked(
+                name, module, kind, _trainable(module, "weight"), _trainable(module, "bias")
+            )
+            self._hooked.append(hooked)
+            covered.update(id(p) for p in (hooked.weight, hooked.bias) if p is not None)
+        missing = [n for i, n in self._param_names.items() if i not in covered]
+        if missing:  # e.g. a trainable parameter registered under another name than weight/bias
+            raise UnsupportedModuleError(
+                f"trainable parameters {missing} are not covered by a supported module's "
+                "weight or bias"
+            )
+        self._calls: list[_Call] | None = None
+        self._capturing = False
+        self._pending: list[_ParamGrads] | None = None
+        self._batch_size = 0
+        self._buffers: dict[str, torch.Tensor] = {}
+        #: per parameter name, the route the last ``backward`` took
+        self.last_plan: dict[str, str] = {}
+
+    # -- phase 1: forward ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the hooked modules' inputs and outputs during the forward inside the block."""
+        if self._pending is not None or self._calls:
+            raise RuntimeError(
+                "the previous capture was not consumed: call accumulate_grads() or release() first"
+            )
+        handles = [
+            h.module.register_forward_hook(functools.partial(self._record, h), with_kwargs=True)
+            for h in self._hooked
+        ]
+        self._calls, self._capturing = [], True
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            self._capturing = False
+            for handle in handles:
+                handle.remove()
+
+    def _record(
+        self, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        if not self._capturing:
+            return
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise RuntimeError(
+                f"module {hooked.name!r} produced an output without grad_fn; run the forward "
+                "with gradients enabled and trainable parameters"
+            )
+        self._calls.append(_Call(hooked, x.detach(), output, x._version, output._version))
+
+    # -- phase 2: backward --------------------------------------------------------------------
+
+    def backward(self, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-trajectory ``||g_i||^2`` (``[B]``, float64) for the captured forward.
+
+        Runs the backward pass (input gradients only), building the per-sample weight gradients
+        on the way, and keeps what ``accumulate_grads`` needs.
+        """
+        if not self._calls:
+            raise RuntimeError("nothing captured: run forward_fn inside `with psg.capture():`")
+        calls, self._calls = self._calls, None
+        objective = _score_objective(logp, mask)
+        batch = logp.shape[0]
+        self._check_calls(calls, batch)
+        records = self._plan(calls, batch)
+        handles = [
+            call.output.register_hook(functools.partial(self._on_output_grad, call, records))
+            for call in calls
+        ]
+        try:
+            # The gradients come back through the hooks; the returned tuple is not needed.
+            torch.autograd.grad(objective, [c.output for c in calls], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        del calls
+        self._batch_size = batch
+        self._pending = list(records.values())
+        total = torch.zeros(batch, dtype=torch.float64, device=logp.device)
+        for rec in self._pending:
+            norms = rec.finish(self._scratch)
+            if norms is not None:
+                total += norms.double()
+        return total
+
+    @staticmethod
+    def _check_calls(calls: list[_Call], batch: int) -> None:
+        for call in calls:
+            name = call.hooked.name
+            if (call.output._version != call.output_version
+                    or call.input._version != call.input_version):
+                raise RuntimeError(
+                    f"the input or output of module {name!r} was modified in place after the "
+                    "module ran; per-sample gradients would be wrong"
+                )
+            for what, t in (("input", call.input), ("output", call.output)):
+                if t.dim() == 0 or t.shape[0] != batch:
+                    raise ValueError(
+                        f"module {name!r}: {what} has shape {tuple(t.shape)} but logp has batch "
+                        f"size {batch}; every hooked activation must have the batch as dim 0 "
+                        "(a model that flattens batch and time is unsupported)"
+                    )
+
+    def _plan(self, calls: list[_Call], batch: int) -> dict[int, _ParamGrads]:
+        """One record per trainable parameter the calls touch, with its route."""
+        records: dict[int, _ParamGrads] = {}
+
+        def expect(param: nn.Parameter | None, shape: _PieceShape | None) -> None:
+            if param is None:
+                return
+            if id(param) not in records:
+                records[id(param)] = _ParamGrads(self._param_names[id(param)], param, batch)
+            records[id(param)].expected += 1
+            if shape is not None:
+                records[id(param)].shapes.append(shape)
+
+        for call in calls:
+            hooked = call.hooked
+            if hooked.kind == "linear":
+                length = call.output.numel() // (batch * call.output.shape[-1])
+                expect(hooked.weight, _PieceShape(indexed=False, length=length))
+            elif hooked.kind == "embedding":
+                expect(hooked.weight, _PieceShape(indexed=True, length=call.input.numel() // batch))
+            else:
+                expect(hooked.weight, None)
+            expect(hooked.bias, None)
+        budget = self.materialize_budget_bytes
+        for rec in records.values():
+            budget -= rec.choose_route(self.strategy, budget, self.chunk_bytes)
+        self.last_plan = {rec.name: rec.route for rec in records.values()}
+        return records
+
+    def _on_output_grad(
+        self, call: _Call, records: dict[int, _ParamGrads], grad: torch.Tensor
+    ) -> None:
+        """Tensor hook: turn one output gradient into per-sample weight-gradient pieces."""
+        hooked, batch = call.hooked, grad.shape[0]
+        g = grad.reshape(batch, -1, grad.shape[-1])
+        pieces: list[tuple[nn.Parameter, _Factored | torch.Tensor]] = []
+        if hooked.kind == "linear":
+            if hooked.weight is not None:
+                a = call.input.reshape(batch, -1, call.input.shape[-1])
+                pieces.append((hooked.weight, _Factored(g, a, g.shape[-1])))
+        elif hooked.kind == "embedding":
+            index = call.input.reshape(batch, -1)
+            padding_idx = hooked.module.padding_idx
+            if padding_idx is not None:  # autograd gives the padding row no gradient
+                g = g.masked_fill((index == padding_idx)[..., None], 0)
+            pieces.append((hooked.weight, _Factored(index, g, hooked.module.num_embeddings)))
+        elif hooked.weight is not None:  # "scale": y = weight * h(x) + bias
+            pieces.append((hooked.weight, self._scale_weight_piece(call, g)))
+        if hooked.bias is not None:
+            pieces.append((hooked.bias, g.sum(dim=1)))
+        for param, piece in pieces:
+            records[id(param)].add(piece, self._scratch)
+
+    @staticmethod
+    def _scale_weight_piece(call: _Call, g: torch.Tensor) -> torch.Tensor:
+        """``sum_t g_bt * h_bt`` for ``y = weight * h(x) (+ bias)``, ``[B, d]``.
+
+        Without a bias and with no zero weight, ``h = y / weight`` and the division can move
+        out of the sum: ``(sum_t g_bt * y_bt) / weight`` (exact up to float32 rounding; this
+        saves re-running the norm). Otherwise ``h`` is recomputed from the input.
+        """
+        module = call.hooked.module
+        weight = module._parameters["weight"]
+        exact_division = (
+            module._parameters.get("bias") is None
+            and weight.dtype in (torch.float32, torch.float64)
+            and not bool((weight == 0).any())
+        )
+        if exact_division:
+            y = call.output.detach().reshape(g.shape)
+            return (g * y).sum(dim=1) / weight.detach()
+        with torch.no_grad():
+            h = _unit_affine_output(module, call.input)
+        return (g * h.reshape(g.shape)).sum(dim=1)
+
+    def _scratch(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements (``chunk_bytes`` for the chunk scratch),
+        kept across steps so the next step does not pay for fresh memory."""
+        if key == "chunk":
+            numel = max(numel, self.chunk_bytes // like.element_size())
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf
+
+    # -- phase 3: the weighted gradient -------------------------------------------------------
+
+    def accumulate_grads(self, coefficients: torch.Tensor) -> None:
+        """``p.grad += sum_i c_i g_i`` for every trainable parameter; frees the step's state."""
+        if self._pending is None:
+            raise RuntimeError("call backward(logp, mask) before accumulate_grads(coefficients)")
+        if coefficients.shape != (self._batch_size,):
+            raise ValueError(
+                f"coefficients must have shape [B]=({self._batch_size},); got "
+                f"{tuple(coefficients.shape)}"
+            )
+        if not bool(torch.isfinite(coefficients).all()):
+            raise ValueError("coefficients must be finite")
+        pending, self._pending = self._pending, None
+        c = coefficients.detach()
+        while pending:
+            rec = pending.pop()
+            grad = rec.weighted_sum(c.to(rec.param.device))
+            if grad is not None:
+                _accumulate_into_grad(rec.param, grad)
+
+    def release(self) -> None:
+        """Drop the step's captured state and the reused buffers, without touching ``.grad``."""
+        self._calls, self._pending = None, None
+        self._buffers.clear()
+
+    def forward_backward(
+        self, forward_fn: ForwardFn, batch: Any, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``capture`` + ``forward_fn`` + ``backward``; returns (detached logp, ``||g_i||^2``)."""
+        with self.capture():
+            logp = forward_fn(self.model, batch)
+        return logp.detach(), self.backward(logp, mask)
