@@ -1,0 +1,54 @@
+"""TMF-PG's return and baseline math (pure numpy, unit-tested against brute force).
+
+An agent of an asynchronous episode acts at its own activation steps j = 0, 1, ..., n-1
+(env steps at which it is in S_t); RLlib's single-agent episode holds exactly those steps,
+with the reward of step j and the behaviour log-probability logp_j = log pi(a_j | o_j, mu).
+
+Entropy-regularised objective (coefficient tau): the agent collects
+r_j + tau * H(pi(. | o_j, mu_j)) per activation. Its policy gradient is
+
+    grad J_tau = E[ sum_j grad log pi(a_j | o_j) (G_j - b_j) + tau grad H(pi(. | o_j)) ]
+
+with the soft return-to-go of the steps *after* j estimated by -tau logp (an unbiased
+estimate of the entropy) and step j's own entropy differentiated exactly:
+
+    G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j')
+
+Any b_j that does not depend on a_j keeps the gradient unbiased; the baseline here is the
+leave-one-out mean of G over the samples of the same group (same activation index j and
+same own observation o_j) in the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def soft_returns_to_go(rewards: np.ndarray, logps: np.ndarray, gamma: float,
+                       entropy_coeff: float) -> np.ndarray:
+    """G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j') for one agent's steps."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    soft = rewards - entropy_coeff * np.asarray(logps, dtype=np.float64)
+    returns = np.empty_like(rewards)
+    future = 0.0  # sum_{j' > j} gamma^(j' - j) soft_j'
+    for j in range(len(rewards) - 1, -1, -1):
+        returns[j] = rewards[j] + future
+        future = gamma * (soft[j] + future)
+    return returns
+
+
+def leave_one_out_baseline(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """b_i = mean{values[k] : groups[k] == groups[i], k != i}; 0 for a sample alone in its
+    group. ``groups`` holds one integer id per sample."""
+    values = np.asarray(values, dtype=np.float64)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=values)
+    others = counts[inverse] - 1
+    return np.divide(sums[inverse] - values, others, out=np.zeros_like(values),
+                     where=others > 0)
+
+
+def baseline_groups(activation_index: np.ndarray, own_observation: np.ndarray,
+                    num_observations: int) -> np.ndarray:
+    """Group id j * O + o of each sample (activation index j, own observation o)."""
+    return np.asarray(activation_index) * num_observations + np.asarray(own_observation)

@@ -1,0 +1,231 @@
+"""TMF-PG: policy gradient for mean-field games with asynchronous agents.
+
+The method ("Mean-Field Reinforcement Learning without Synchrony", 2026; working model in
+``shared/design/TMF.md``): all agents share one policy pi(a | o, mu) that sees the agent's
+own observation and the population distribution mu over observations; TMF-PG ascends the
+policy gradient of the representative agent's (entropy-regularised) return J_tau(pi; mu)
+while mu follows the flow of the current policy. Here mu is the empirical distribution of
+the N-agent env, the gradient is estimated from RLlib multi-agent episodes in which only
+the acting agents step (any activation schedule, from all N per step to one), and the
+return and baseline math is in ``returns.py``.
+
+Each iteration: sample ``num_episodes_per_iteration`` complete episodes -> one gradient
+step of the TMF-PG loss per module -> broadcast weights -> exact-model metrics.
+
+Result keys (besides RLlib's):
+    mean_field/exploitability              max_pi' J(pi'; mu^pi) - J(pi; mu^pi), exact model
+    mean_field/exploitability_regularized  the same for J_tau (0 at TMF-PG's fixed point)
+    mean_field/value                       J(pi; mu^pi) of the current policy, exact model
+    env_runners/mean_field/return_per_agent, reward_per_action, mu_l1_distance
+        (per sampled episode; see ``env_runner.MeanFieldMetricsCallback``)
+
+Policy mapping: by default every agent maps to the one module ``"shared"``;
+``num_agent_types: K`` (> 1) maps agent_i to module ``type_{i mod K}``; any other mapping can
+be set with ``config.multi_agent(policies=..., policy_mapping_fn=...)`` (the exact model
+then treats each module's agents as a type).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.env_context import EnvContext
+from ray.rllib.policy.policy import PolicySpec
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from envs.mean_field.env import MeanFieldEnv
+from rllib_ext.algorithms.tmf_pg.env_runner import (
+    MEAN_FIELD,
+    MeanFieldEnvRunner,
+    MeanFieldMetricsCallback,
+)
+from rllib_ext.algorithms.tmf_pg.population import (
+    SHARED_MODULE_ID,
+    AgentTypeMapping,
+    PopulationView,
+    shared_policy_mapping,
+)
+
+
+class TMFPGConfig(AlgorithmConfig):
+    """Config of :class:`TMFPG`. TMF-PG settings (``.training(...)``):
+
+    - ``entropy_coeff`` (tau >= 0, default 0.05): entropy regularisation; makes the
+      equilibrium unique and the iteration contractive; exploitability_regularized uses it.
+    - ``num_episodes_per_iteration`` (>= 1, default 4): complete episodes per gradient step
+      (one episode has about N * rounds agent actions under every schedule).
+    - ``num_agent_types`` (>= 1, default 1): 1 = one shared module for all agents; K > 1 =
+      agent_i uses module ``type_{i mod K}``.
+    - ``exploitability_interval`` (>= 0, default 1): compute the exact-model metrics every
+      that many iterations (0 = never).
+
+    Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon), complete episodes, sampling on
+    the local env runner, the :class:`MeanFieldEnvRunner` and :class:`MeanFieldMetricsCallback`.
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or TMFPG)
+        self.lr = 0.01
+        self.gamma = 1.0
+        self.entropy_coeff = 0.05
+        self.num_episodes_per_iteration = 4
+        self.num_agent_types = 1
+        self.exploitability_interval = 1
+        self.batch_mode = "complete_episodes"
+        self.num_env_runners = 0
+        self.env_runner_cls = MeanFieldEnvRunner
+        self.callbacks_class = MeanFieldMetricsCallback
+        self.policies = {SHARED_MODULE_ID: PolicySpec()}
+        self.policy_mapping_fn = shared_policy_mapping
+
+    @override(AlgorithmConfig)
+    def training(self, *, entropy_coeff=NotProvided, num_episodes_per_iteration=NotProvided,
+                 num_agent_types=NotProvided, exploitability_interval=NotProvided, **kwargs):
+        super().training(**kwargs)
+        if entropy_coeff is not NotProvided:
+            self.entropy_coeff = entropy_coeff
+        if num_episodes_per_iteration is not NotProvided:
+            self.num_episodes_per_iteration = num_episodes_per_iteration
+        if num_agent_types is not NotProvided:
+            self.num_agent_types = num_agent_types
+        if exploitability_interval is not NotProvided:
+            self.exploitability_interval = exploitability_interval
+        return self
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        self._validate_tmf_pg_settings()
+        types = self.num_agent_types
+        if types > 1 and set(self.policies) == {SHARED_MODULE_ID}:
+            mapping = AgentTypeMapping(types)
+            self.policies = {mid: PolicySpec() for mid in mapping.module_ids()}
+            self.policy_mapping_fn = mapping
+        super().validate()
+
+    def _validate_tmf_pg_settings(self) -> None:
+        def require(ok: bool, key: str, problem: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"TMFPGConfig.{key}: {problem}; {fix}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        tau = self.entropy_coeff
+        require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
+                and math.isfinite(tau) and tau >= 0, "entropy_coeff", f"got {tau!r}",
+                "use a number >= 0 (e.g. 0.05).")
+        require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma",
+                f"got {self.gamma!r}", "use a number in (0, 1] (1 for the finite-horizon game).")
+        for key, low in (("num_episodes_per_iteration", 1), ("num_agent_types", 1),
+                         ("exploitability_interval", 0)):
+            value = getattr(self, key)
+            require(is_int(value) and value >= low, key, f"got {value!r}",
+                    f"use an integer >= {low}.")
+        require(self.batch_mode == "complete_episodes", "batch_mode",
+                f"got {self.batch_mode!r}",
+                "TMF-PG needs whole episodes (returns to the horizon); use complete_episodes.")
+        observe_mu = (self.env_config or {}).get("observe_mu", True)
+        require(observe_mu is True, "env_config.observe_mu", f"got {observe_mu!r}",
+                "TMF-PG's policy is pi(a | o, mu): the observation must contain mu (true).")
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_rl_module import TMFPGTorchRLModule
+
+        # No model_config here: RLlib merges a spec's model_config *over* the user's.
+        return RLModuleSpec(module_class=TMFPGTorchRLModule)
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_learner import TMFPGTorchLearner
+
+        return TMFPGTorchLearner
+
+
+class TMFPG(Algorithm):
+    """See the module docstring."""
+
+    # Shown by the `rllib` CLI on every iteration line.
+    progress_metrics = (
+        ("return/agent", f"{ENV_RUNNER_RESULTS}/{MEAN_FIELD}/return_per_agent", "{:.4g}"),
+        ("exploitability", f"{MEAN_FIELD}/exploitability", "{:.3g}"),
+        ("mu-dist", f"{ENV_RUNNER_RESULTS}/{MEAN_FIELD}/mu_l1_distance", "{:.3g}"),
+    )
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> TMFPGConfig:
+        return TMFPGConfig()
+
+    @override(Algorithm)
+    def setup(self, config: AlgorithmConfig) -> None:
+        super().setup(config)
+        env = self.env_creator(EnvContext(self.config.env_config, worker_index=0))
+        env = getattr(env, "unwrapped", env)
+        if not isinstance(env, MeanFieldEnv):
+            raise ValueError(f"TMFPG: env {self.config.env!r} is a {type(env).__name__}, not a "
+                             "mean-field env; use ResourceSelection, DynamicQueueing or another "
+                             "envs.mean_field.env.MeanFieldEnv.")
+        self.population = PopulationView(env, self.config.policy_mapping_fn)
+        spec = self.config.get_multi_rl_module_spec(
+            spaces={mid: (env.observation_spaces[env.possible_agents[0]],
+                          env.action_spaces[env.possible_agents[0]])
+                    for mid in self.config.policies},
+            inference_only=True)
+        self._evaluation_module = spec.build()
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_metrics = self._sample_episodes()
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                episodes=episodes,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                    (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)})
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                               inference_only=True)
+
+        interval = self.config.exploitability_interval
+        if interval and self.iteration % interval == 0:
+            for key, value in self.exact_metrics().items():
+                self.metrics.log_value((MEAN_FIELD, key), value, window=1)
+
+    def exact_metrics(self) -> dict[str, float]:
+        """Exploitability (plain and regularised) and exact value of the current policy."""
+        self._evaluation_module.set_state(self.learner_group.get_weights())
+        plain = self.population.evaluate(self._evaluation_module)
+        regularized = self.population.evaluate(self._evaluation_module,
+                                               self.config.entropy_coeff)
+        return {
+            "exploitability": plain.exploitability,
+            "exploitability_regularized": regularized.exploitability,
+            "value": plain.value,
+        }
+
+    def _sample_episodes(self):
+        runners = self.env_runner_group
+        per_runner = math.ceil(self.config.num_episodes_per_iteration
+                               / max(1, runners.num_remote_workers()))
+        results = runners.foreach_env_runner(
+            lambda runner: (runner.sample(num_episodes=per_runner), runner.get_metrics()),
+            local_env_runner=runners.num_remote_workers() <= 0)
+        episodes = [episode for result in results for episode in result[0]]
+        return episodes, [result[1] for result in results]

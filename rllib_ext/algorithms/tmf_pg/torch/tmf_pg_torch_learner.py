@@ -1,0 +1,36 @@
+"""TMF-PG loss in torch: entropy-regularised REINFORCE with a population baseline."""
+
+from __future__ import annotations
+
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.utils.annotations import override
+
+from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ADVANTAGES, SOFT_RETURNS, TMFPGLearner
+
+
+class TMFPGTorchLearner(TMFPGLearner, TorchLearner):
+    """loss = -mean_i[ log pi(a_i | o_i, mu_i) * A_i ] - tau * mean_i[ H(pi(. | o_i, mu_i)) ]
+
+    over all acting agent-steps i of the batch, with A_i = G_i - b_i from
+    :class:`~rllib_ext.algorithms.tmf_pg.tmf_pg_learner.MeanFieldAdvantages`; its gradient is
+    the (sample) policy gradient of the regularised objective J_tau (``returns.py``).
+    """
+
+    @override(TorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        module = self.module[module_id]
+        dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+        log_probs = dist.logp(batch[Columns.ACTIONS])
+        entropy = dist.entropy().mean()
+        policy_loss = -(log_probs * batch[ADVANTAGES]).mean()
+        loss = policy_loss - config.entropy_coeff * entropy
+        self.metrics.log_dict({
+            "policy_loss": policy_loss.detach(),
+            "entropy": entropy.detach(),
+            "soft_return_mean": batch[SOFT_RETURNS].mean().detach(),
+            "advantage_abs_mean": batch[ADVANTAGES].abs().mean().detach(),
+            "num_samples": torch.tensor(float(len(log_probs))),
+        }, key=module_id, window=1)
+        return loss

@@ -1,0 +1,179 @@
+"""TMF-PG: the learner's gradient, exact-model convergence, config errors, and training
+through RLlib (shared and per-type modules, asynchronous schedules, checkpoints, CLI)."""
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv
+from rllib_ext.algorithms.tmf_pg import TMFPGConfig
+from rllib_ext.algorithms.tmf_pg.env_runner import MeanFieldEnvRunner
+from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg, network_policy, regularized_value
+from rllib_ext.algorithms.tmf_pg.population import AgentTypeMapping, PopulationView
+from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_rl_module import TMFPGTorchRLModule
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Tiny networks: thread hand-offs cost more than the math on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_module(env, seed=0):
+    torch.manual_seed(seed)
+    space = env.observation_spaces["agent_0"]
+    return RLModuleSpec(module_class=TMFPGTorchRLModule, observation_space=space,
+                        action_space=env.action_spaces["agent_0"],
+                        model_config={"hidden": [32, 32]}).build()
+
+
+@pytest.mark.parametrize("env_class,activation", [
+    (ResourceSelectionEnv, "all"), (DynamicQueueingEnv, "k=250")])
+def test_learner_gradient_is_the_exact_policy_gradient(env_class, activation):
+    """The sample gradient of the TMF-PG loss on RLlib episodes (N = 1000) matches the exact
+    gradient of J_tau(pi_theta; mu^pi) with the flow frozen: -rounds * grad(loss) ~ grad J."""
+    tau, rounds = 0.2, 3
+    env_config = {"num_agents": 1000, "rounds": rounds, "activation": activation}
+    config = TMFPGConfig().environment(env_class, env_config=env_config) \
+        .training(entropy_coeff=tau).debugging(seed=0)
+    config.validate()
+    env = env_class(env_config)
+    learner = config.build_learner(env=env)
+    module = learner.module["shared"]
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-uniform policy, so that every term of the loss matters
+        for parameter in module.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    runner = MeanFieldEnvRunner(config=config)
+    runner.module["shared"].load_state_dict(module.state_dict())
+
+    episodes = runner.sample(num_episodes=8)
+    batch = learner._learner_connector(rl_module=learner.module, episodes=episodes, batch={})
+    loss = learner.compute_loss_for_module(module_id="shared", config=config,
+                                           batch=batch["shared"],
+                                           fwd_out=module.forward_train(batch["shared"]))
+    sample = torch.cat([g.flatten() for g in torch.autograd.grad(loss, module.parameters())])
+
+    model = env.mean_field_model()
+    mus, _ = model.flow(network_policy(module, env.policy_inputs))
+    value = regularized_value(model, mus, module, env.policy_inputs, tau)
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(value, module.parameters())])
+
+    estimate = -rounds * sample.double()
+    exact = exact.double()
+    cosine = float(estimate @ exact / (estimate.norm() * exact.norm()))
+    assert cosine > 0.98
+    assert float(estimate.norm() / exact.norm()) == pytest.approx(1.0, abs=0.15)
+
+
+@pytest.mark.parametrize("activation", ["all", "k=25"])
+def test_exact_tmf_pg_converges_to_the_regularised_equilibrium(activation):
+    env = ResourceSelectionEnv({"num_agents": 100, "activation": activation, "rounds": 10})
+    history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
+                           iterations=80, lr=0.01, entropy_coeff=0.05, evaluate_every=40)
+    first, last = history[0], history[-1]
+    assert first["exploitability"] == pytest.approx(2.7, abs=0.05)   # uniform from uniform
+    assert last["exploitability_regularized"] < 0.03
+    assert last["exploitability"] < 0.1 * first["exploitability"]
+    assert last["value"] > first["value"]
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"entropy_coeff": -0.1}, r"TMFPGConfig.entropy_coeff: got -0.1; use a number >= 0"),
+    ({"num_episodes_per_iteration": 0},
+     r"TMFPGConfig.num_episodes_per_iteration: got 0; use an integer >= 1"),
+    ({"num_agent_types": 1.5}, r"TMFPGConfig.num_agent_types: got 1.5; use an integer >= 1"),
+    ({"gamma": 1.5}, r"TMFPGConfig.gamma: got 1.5; use a number in \(0, 1\]"),
+    ({"batch_mode": "truncate_episodes"}, r"TMFPGConfig.batch_mode: .*complete_episodes"),
+    ({"env_config": {"observe_mu": False}},
+     r"TMFPGConfig.env_config.observe_mu: got False; TMF-PG's policy is pi\(a \| o, mu\)"),
+])
+def test_config_rejects_bad_settings(settings, match):
+    config = TMFPGConfig().environment(ResourceSelectionEnv).update_from_dict(settings)
+    with pytest.raises(ValueError, match=match):
+        config.validate()
+
+
+def test_per_type_mapping_and_population_view():
+    config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
+        .training(num_agent_types=2)
+    config.validate()
+    assert set(config.policies) == {"type_0", "type_1"}
+    assert isinstance(config.policy_mapping_fn, AgentTypeMapping)
+    assert config.policy_mapping_fn("agent_7", None) == "type_1"
+    view = PopulationView(ResourceSelectionEnv({"num_agents": 10}), config.policy_mapping_fn)
+    assert view.module_ids == ["type_0", "type_1"]
+    assert view.model.game.type_weights.tolist() == [0.5, 0.5]
+
+
+def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
+    config = TMFPGConfig().environment(
+        ResourceSelectionEnv, env_config={"num_agents": 50, "activation": "all"}) \
+        .training(num_episodes_per_iteration=4).debugging(seed=1)
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(15)]
+        exploitability = [r["mean_field"]["exploitability"] for r in results]
+        assert exploitability[0] > 1.5
+        assert np.mean(exploitability[-3:]) < 0.5 * exploitability[0]
+        last = results[-1]
+        assert last["learners"]["shared"]["entropy"] < np.log(4)
+        runner_metrics = last["env_runners"]["mean_field"]
+        assert 4.0 < runner_metrics["return_per_agent"] < 5.0
+        assert 0.0 < runner_metrics["mu_l1_distance"] < 0.5
+        checkpoint = algo.save(str(tmp_path)).checkpoint.path
+        expected = algo.exact_metrics()
+    finally:
+        algo.stop()
+    restored = type(algo).from_checkpoint(checkpoint)
+    try:
+        assert restored.exact_metrics() == pytest.approx(expected)
+    finally:
+        restored.stop()
+
+
+@pytest.mark.parametrize("env_class,activation", [
+    (ResourceSelectionEnv, "sequential"), (DynamicQueueingEnv, "bernoulli=0.3")])
+def test_tmf_pg_with_per_type_modules_and_asynchronous_agents(ray_session, env_class,
+                                                              activation):
+    config = TMFPGConfig().environment(
+        env_class, env_config={"num_agents": 10, "activation": activation, "rounds": 3}) \
+        .training(num_agent_types=2, num_episodes_per_iteration=2)
+    algo = config.build_algo()
+    try:
+        before = algo.exact_metrics()
+        result = [algo.train() for _ in range(2)][-1]
+    finally:
+        algo.stop()
+    assert {"type_0", "type_1"} <= set(result["learners"])
+    for module_id in ("type_0", "type_1"):
+        assert result["learners"][module_id]["num_samples"] > 0
+    assert set(result["env_runners"]["num_module_steps_sampled"]) == {"type_0", "type_1"}
+    assert np.isfinite(result["mean_field"]["exploitability"])
+    assert result["mean_field"]["exploitability"] != pytest.approx(before["exploitability"])
+
+
+@pytest.mark.slow
+def test_cli_trains_the_tuned_example(cli, tmp_path):
+    run = cli("train", "file", "tuned_examples/tmf_pg_resource_selection.yaml", "--stop",
+              '{"training_iteration": 2}', "--storage-path", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "iter 2 |" in line]
+    assert lines and "exploitability" in lines[0] and "return/agent" in lines[0]
+
+
+def test_tuned_examples_validate():
+    from rllib_ext.cli.experiment import experiments_from_file
+
+    for path in ("tuned_examples/tmf_pg_resource_selection.yaml",
+                 "tuned_examples/tmf_pg_queueing.yaml", "tuned_examples/tmf_pg_sweep.yaml"):
+        experiments = experiments_from_file(path)
+        assert [e.algo_name for e in experiments] == ["TMFPG"]
+    sweep = experiments_from_file("tuned_examples/tmf_pg_sweep.yaml")[0]
+    env_config = sweep.param_space["env_config"]
+    assert len(env_config["num_agents"]["grid_search"]) == 3
+    assert len(env_config["activation"]["grid_search"]) == 4
