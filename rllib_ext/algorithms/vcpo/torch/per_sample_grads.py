@@ -8,13 +8,19 @@ squared norms ``||g_i||^2`` before it can weight the gradient ``sum_i c_i g_i``.
   forward + backward per trajectory (micro-batch of 1); ground truth, and the config-selectable
   "exact" route of the reference implementation (two accumulators per group, no second pass);
 * :class:`PerSampleGradients`: one forward with hooks plus one backward pass that computes only
-  input gradients; the per-trajectory parameter gradients are then rebuilt from each layer's
+  input gradients; the per-trajectory parameter gradients are rebuilt from each layer's
   captured input ``a`` and output gradient ``g`` (rows of a batch do not interact, so row ``i``
-  of ``g`` is trajectory ``i``'s output gradient). A weight gradient is ``G_i = sum_t g_it a_it^T``;
-  it is either materialised per trajectory (``[B, out, in]``, the same FLOPs as the weight
-  gradient of a normal backward, after which ``sum_i c_i G_i`` is nearly free) or, when memory
-  does not allow, its norm is taken as a "ghost norm"
-  ``||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is)`` and ``sum_i c_i G_i`` is one matmul later.
+  of ``g`` is trajectory ``i``'s output gradient): ``G_i = sum_t g_it a_it^T`` for a weight,
+  materialised, or only its norm as a "ghost norm" ``sum_{t,s} (a_it . a_is)(g_it . g_is)``.
+
+Which is cheaper (measured in ``bench/vcpo_per_sample_grads.py``): with short rows (``L``
+tokens) relative to the layer widths, as in the CPU models of this project, the one-pass route
+costs a fraction of one extra backward while the loop costs ``B`` small passes (10-40x a plain
+step on CPU). With rows much longer than the widths (``L >> d_in d_out / (d_in + d_out)``) and
+``B x P`` too large to keep, the one-pass route needs the weight-gradient matmul twice (once for
+the norms, once for the weighted sum), about +33% FLOPs over a plain step, whereas the loop's
+micro-batches of one long row are already efficient GEMMs: there the loop can be the cheaper
+exact route.
 
 Assumptions of :class:`PerSampleGradients` (checked where checkable, with a clear error):
 the batch dimension is dim 0 of every hooked module's input and output; trajectories do not
@@ -46,6 +52,9 @@ STRATEGIES = ("auto", "materialize", "chunked", "ghost")
 
 # Elements of one [chunk, L, L] Gram block in a ghost norm (bounds its temporary memory).
 _GRAM_CHUNK_ELEMENTS = 1 << 26
+# Route choice: cost of moving one tensor element through memory, in floating-point operations
+# (a rough CPU/GPU balance; only the order of magnitude matters for the choice).
+_MEMORY_COST = 8
 
 
 class UnsupportedModuleError(TypeError):
@@ -275,10 +284,13 @@ def _left_gram(a: _Factored, b: _Factored) -> torch.Tensor:
     return torch.bmm(a.left, b.left.transpose(1, 2))
 
 
-def _ghost_inner(a: _Factored, b: _Factored) -> torch.Tensor:
+def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Tensor:
     """``<G^a_i, G^b_i>_F = sum_{t,s} (left^a_t . left^b_s)(right^a_t . right^b_s)``, ``[B]``."""
     batch, la, lb = a.right.shape[0], a.right.shape[1], b.right.shape[1]
     chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, la * lb))
+    if chunk >= batch and a is b:  # layers reading the same input share its Gram matrix
+        left = _left_gram(a, a)
+        return (left * workspace.gram(a.right)).sum(dim=(1, 2), dtype=torch.float32)
     out = []
     for lo in range(0, batch, chunk):
         hi = lo + chunk
@@ -289,11 +301,43 @@ def _ghost_inner(a: _Factored, b: _Factored) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _Workspace:
+    """Buffers kept across steps (so a step does not pay for fresh memory) and, within one
+    backward pass, the Gram matrices of layer inputs (q/k/v and gate/up read the same input)."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def buffer(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements (at least ``chunk_bytes`` for the
+        chunk scratch ``key="chunk"``)."""
+        if key == "chunk":
+            numel = max(numel, self.chunk_bytes // like.element_size())
+        buf = self._buffers.get(key)
+        if (buf is None or buf.numel() < numel or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        """``x x^T`` per sample, ``[B, L, L]``, computed once per distinct tensor."""
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key not in self._grams:  # x is kept too, so its memory cannot be reused meanwhile
+            self._grams[key] = (x, torch.bmm(x, x.transpose(1, 2)))
+        return self._grams[key][1]
+
+    def end_backward(self) -> None:
+        self._grams.clear()
+
+    def clear(self) -> None:
+        self._buffers.clear()
+        self._grams.clear()
+
+
 def _sq_norms_of(per_sample: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(per_sample.flatten(1), dim=1, dtype=torch.float32).square()
-
-
-Scratch = Callable[[str, int, torch.Tensor], torch.Tensor]
 
 
 class _ParamGrads:
@@ -318,16 +362,27 @@ class _ParamGrads:
 
     # -- planning ------------------------------------------------------------------------------
 
-    def _build_flops(self) -> int:
+    def route_costs(self) -> dict[str, float]:
+        """Rough cost (FLOPs, memory traffic weighted by ``_MEMORY_COST``) of each route:
+        building/normalising the per-sample gradients plus the later weighted sum."""
         rows, cols = self.param.shape[0], self.param.numel() // self.param.shape[0]
-        return sum(self.batch * s.length * cols * (1 if s.indexed else 2 * rows) for s in self.shapes)
-
-    def _ghost_flops(self) -> int:
-        rows, cols = self.param.shape[0], self.param.numel() // self.param.shape[0]
-        return sum(
-            2 * self.batch * a.length * b.length * (cols + (0 if a.indexed or b.indexed else rows))
-            for j, a in enumerate(self.shapes) for b in self.shapes[j:]
-        )
+        batch = self.batch
+        build = reread = ghost = 0
+        for j, a in enumerate(self.shapes):
+            left = 0 if a.indexed else rows
+            build += batch * a.length * cols * (1 if a.indexed else 2 * rows)
+            reread += _MEMORY_COST * batch * a.length * (cols + left)
+            for b in self.shapes[j:]:
+                both = 0 if a.indexed or b.indexed else rows
+                ghost += 2 * batch * a.length * b.length * (cols + both)
+        return {
+            # bmm into storage; the stored gradients are written, normed and summed: 3 passes
+            "materialize": build + _MEMORY_COST * 3 * batch * rows * cols,
+            # built in cache-sized chunks for the norm, rebuilt summed by one matmul later
+            "chunked": 2 * build + reread,
+            # Gram matrices for the norm, one matmul later
+            "ghost": ghost + build + reread,
+        }
 
     def choose_route(self, strategy: str, budget_bytes: int, chunk_bytes: int) -> int:
         """Pick the route; returns the bytes of per-sample storage it keeps."""
@@ -336,37 +391,42 @@ class _ParamGrads:
         has_dense = self.expected > len(self.shapes)
         if not self.shapes:  # biases and norm weights: [B, d], always stored
             self.route = "materialize"
-        elif strategy == "materialize" or (strategy == "auto" and stored_bytes <= budget_bytes):
-            self.route = "materialize"
-        elif strategy == "ghost" and not has_dense:
-            self.route = "ghost"
-        elif strategy == "chunked" or has_dense:
+        elif strategy == "auto":
+            costs = self.route_costs()
+            if stored_bytes > budget_bytes:
+                del costs["materialize"]
+            if sample_bytes > chunk_bytes and len(costs) > 1:
+                del costs["chunked"]
+            if has_dense:
+                del costs["ghost"]
+            self.route = min(costs, key=costs.get)
+        elif strategy == "ghost" and has_dense:
             self.route = "chunked"
-        else:  # auto, over budget: the cheaper norm that fits the scratch space
-            cheaper = self._build_flops() <= self._ghost_flops()
-            self.route = "chunked" if cheaper and sample_bytes <= chunk_bytes else "ghost"
+        else:
+            self.route = strategy
         return stored_bytes if self.route == "materialize" and self.shapes else 0
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def add(self, piece: _Factored | torch.Tensor, scratch: Scratch) -> None:
+    def add(self, piece: _Factored | torch.Tensor, workspace: _Workspace) -> None:
         if self.route == "materialize":
-            self._store(piece, scratch)
+            self._store(piece, workspace)
         elif isinstance(piece, _Factored):
             self.factored.append(piece)
         else:
             self.dense.append(piece)
         self.received += 1
         if self.received == self.expected:
-            self.norms = self._sq_norms(scratch)
+            self.norms = self._sq_norms(workspace)
 
-    def _store(self, piece: _Factored | torch.Tensor, scratch: Scratch) -> None:
+    def _store(self, piece: _Factored | torch.Tensor, workspace: _Workspace) -> None:
         first = self.stored is None
         if first and self.expected == 1 and not isinstance(piece, _Factored):
             self.stored = piece  # a lone dense piece is already the per-sample gradient
             return
         if first:
-            flat = scratch(f"store:{self.name}", self.batch * self.param.numel(), _like(piece))
+            flat = workspace.buffer(f"store:{self.name}", self.batch * self.param.numel(),
+                                    _like(piece))
             self.stored = flat[: self.batch * self.param.numel()].view(self.batch, *self.param.shape)
         if isinstance(piece, _Factored):
             piece.add_into(self.stored.view(self.batch, piece.rows, -1), 0, self.batch, first)
@@ -387,26 +447,26 @@ class _ParamGrads:
             first = False
         return shaped
 
-    def _sq_norms(self, scratch: Scratch) -> torch.Tensor:
+    def _sq_norms(self, workspace: _Workspace) -> torch.Tensor:
         if self.route == "materialize":
             return _sq_norms_of(self.stored)
         if self.route == "chunked":
             numel = self.param.numel()
-            flat = scratch("chunk", numel, _like(self.factored[0]))
+            flat = workspace.buffer("chunk", numel, _like(self.factored[0]))
             chunk = max(1, flat.numel() // numel)
             return torch.cat([_sq_norms_of(self._fill(flat, lo, min(self.batch, lo + chunk)))
                               for lo in range(0, self.batch, chunk)])
         total = 0  # ghost
         for j, a in enumerate(self.factored):
-            total = total + _ghost_inner(a, a)
+            total = total + _ghost_inner(a, a, workspace)
             for b in self.factored[j + 1 :]:
-                total = total + 2 * _ghost_inner(a, b)
+                total = total + 2 * _ghost_inner(a, b, workspace)
         return total
 
-    def finish(self, scratch: Scratch) -> torch.Tensor | None:
+    def finish(self, workspace: _Workspace) -> torch.Tensor | None:
         """``||G_b||^2`` ``[B]`` once the backward is over (``None``: the parameter was unused)."""
         if self.norms is None and self.received:  # a call's output never reached logp
-            self.norms = self._sq_norms(scratch)
+            self.norms = self._sq_norms(workspace)
         return self.norms
 
     def weighted_sum(self, coefficients: torch.Tensor) -> torch.Tensor | None:
@@ -529,19 +589,20 @@ class PerSampleGradients:
     asked for the gradients of the hooked layer outputs, not of the weights). Tensor hooks on
     those outputs receive each output gradient as soon as it exists and build the per-sample
     weight gradients right there, while it is in cache, by one of three exact routes per
-    parameter (``strategy`` forces one; ``"auto"`` picks):
+    parameter (``strategy`` forces one; ``"auto"`` picks the cheapest by a FLOP + memory-traffic
+    estimate, see ``_ParamGrads.route_costs``):
 
     * ``"materialize"``: ``G_i`` for all ``i`` by one batched matmul (the FLOPs of the skipped
       weight gradient), kept until ``accumulate_grads``, which is then a cheap ``[B] x [B, P]``
       product. Memory ``B x P`` per parameter (a buffer reused across steps); ``"auto"`` uses it
-      while the total fits ``materialize_budget_bytes``.
+      only while the total fits ``materialize_budget_bytes``.
     * ``"chunked"``: ``G_i`` built a few samples at a time in a reused scratch buffer of
       ``chunk_bytes``, only to take norms; ``accumulate_grads`` then does the normal
       weight-gradient matmul with ``c``-scaled output gradients. No ``B x P`` memory.
     * ``"ghost"``: ``||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is)`` from ``L x L`` Gram
-      matrices, ``O(B L^2 (d_in + d_out))`` - cheaper than building ``G_i`` when
-      ``L < d_in d_out / (d_in + d_out)``, and needs no ``d_in x d_out`` scratch (large vocab
-      heads); the gradient as in ``"chunked"``.
+      matrices (shared by layers that read the same input, e.g. q/k/v), ``O(B L^2 (d_in +
+      d_out))``: cheaper than building ``G_i`` when ``L < d_in d_out / (d_in + d_out)``, and
+      needs no ``d_in x d_out`` scratch (large vocab heads); the gradient as in ``"chunked"``.
 
     Biases and norm weights (``[B, d]`` per-sample gradients) are always materialised. The
     chunked and ghost routes keep their layers' activations and output gradients until
@@ -597,7 +658,7 @@ class PerSampleGradients:
         self._capturing = False
         self._pending: list[_ParamGrads] | None = None
         self._batch_size = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._workspace = _Workspace(chunk_bytes)
         #: per parameter name, the route the last ``backward`` took
         self.last_plan: dict[str, str] = {}
 
@@ -666,9 +727,10 @@ class PerSampleGradients:
         self._pending = list(records.values())
         total = torch.zeros(batch, dtype=torch.float64, device=logp.device)
         for rec in self._pending:
-            norms = rec.finish(self._scratch)
+            norms = rec.finish(self._workspace)
             if norms is not None:
                 total += norms.double()
+        self._workspace.end_backward()
         return total
 
     @staticmethod
@@ -740,7 +802,7 @@ class PerSampleGradients:
         if hooked.bias is not None:
             pieces.append((hooked.bias, g.sum(dim=1)))
         for param, piece in pieces:
-            records[id(param)].add(piece, self._scratch)
+            records[id(param)].add(piece, self._workspace)
 
     @staticmethod
     def _scale_weight_piece(call: _Call, g: torch.Tensor) -> torch.Tensor:
@@ -763,16 +825,6 @@ class PerSampleGradients:
         with torch.no_grad():
             h = _unit_affine_output(module, call.input)
         return (g * h.reshape(g.shape)).sum(dim=1)
-
-    def _scratch(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A flat buffer of at least ``numel`` elements (``chunk_bytes`` for the chunk scratch),
-        kept across steps so the next step does not pay for fresh memory."""
-        if key == "chunk":
-            numel = max(numel, self.chunk_bytes // like.element_size())
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf
 
     # -- phase 3: the weighted gradient -------------------------------------------------------
 
@@ -798,7 +850,7 @@ class PerSampleGradients:
     def release(self) -> None:
         """Drop the step's captured state and the reused buffers, without touching ``.grad``."""
         self._calls, self._pending = None, None
-        self._buffers.clear()
+        self._workspace.clear()
 
     def forward_backward(
         self, forward_fn: ForwardFn, batch: Any, mask: torch.Tensor

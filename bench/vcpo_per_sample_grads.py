@@ -1,0 +1,229 @@
+"""Cost of exact per-trajectory gradient norms (OPOB) vs a plain GRPO forward + backward.
+
+For each model/batch size, one optimiser step's gradient is computed by:
+
+* ``plain``: GRPO's forward + ``loss.backward()`` (no per-trajectory norms) - the reference cost;
+* ``auto`` / ``materialize`` / ``chunked`` / ``ghost``: ``PerSampleGradients`` (one forward,
+  one input-gradient backward, per-sample weight gradients from hooks, then the weighted
+  gradient), by the route each name forces (``auto``: the default per-parameter choice);
+* ``loop``: the reference's exact route, one forward + backward per trajectory
+  (``loop_accumulate``, two accumulators per group).
+
+Methods run interleaved, round after round, so machine noise hits all of them alike; the
+table reports the minimum (least disturbed) time and the median of per-round ratios to
+``plain``. Every run also checks that the norms of each route equal the loop's.
+
+    .venv/bin/python bench/vcpo_per_sample_grads.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rllib_ext.algorithms.vcpo import losses
+from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
+    PerSampleGradients,
+    loop_accumulate,
+)
+from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
+from rllib_ext.llm.tiny import TinyModelSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "vcpo_per_sample_grads"
+ROUTES = ("auto", "materialize", "chunked", "ghost")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    head_dim: int
+    batch: int
+    prompt_tokens: tuple[int, int]  # (min, max) per row
+    response_tokens: tuple[int, int]
+    group_size: int = 8
+
+
+SPEC = TinyModelSpec()
+CASES = (
+    Case("embedded_tiny", "the embedded tiny model on its a+b task (what `make demo` trains)",
+         vocab=100, hidden=SPEC.hidden_size, intermediate=SPEC.intermediate_size,
+         layers=SPEC.num_layers, heads=SPEC.num_heads, head_dim=SPEC.head_dim, batch=128,
+         prompt_tokens=(5, 7), response_tokens=(1, 6)),
+    Case("test_llama_64x32", "the test's tiny Llama, 64 rows x 32 tokens",
+         vocab=40, hidden=64, intermediate=96, layers=2, heads=2, head_dim=32, batch=64,
+         prompt_tokens=(8, 16), response_tokens=(8, 16)),
+    Case("wider_32x128", "a wider model with longer rows, 32 rows x 128 tokens",
+         vocab=512, hidden=256, intermediate=688, layers=4, heads=4, head_dim=64, batch=32,
+         prompt_tokens=(32, 64), response_tokens=(32, 64)),
+)
+
+
+def build_case(case: Case, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+        num_hidden_layers=case.layers, num_attention_heads=case.heads,
+        num_key_value_heads=case.heads, head_dim=case.head_dim, max_position_embeddings=256,
+        pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).float()
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(bounds):
+        n = int(torch.randint(bounds[0], bounds[1] + 1, (), generator=g))
+        return torch.randint(1, case.vocab, (n,), generator=g).tolist()
+
+    prompts = [tokens(case.prompt_tokens) for _ in range(case.batch)]
+    responses = [tokens(case.response_tokens) for _ in range(case.batch)]
+    batch = pack_prompt_response(prompts, responses, pad_id=0)
+    mask = batch["response_mask"]
+    rewards = torch.randint(0, 2, (case.batch,), generator=g).float()
+    groups = torch.arange(case.batch) // case.group_size
+    weights = losses.truncate_weights(torch.rand(case.batch, generator=g) * 3, 8.0)
+    return model, batch, mask, rewards, groups, weights
+
+
+def run_case(case: Case, rounds: int, loop_rounds: int) -> dict:
+    model, batch, mask, rewards, groups, weights = build_case(case)
+    params = sum(p.numel() for p in model.parameters())
+    normalizer = float(mask.numel())
+    coefficients = torch.randn(case.batch) / normalizer
+    routes = {name: PerSampleGradients(model, strategy=name) for name in ROUTES}
+    norms = {}
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        logp = response_log_probs(model, batch)
+        losses.policy_gradient_loss(logp, mask, coefficients, normalizer).backward()
+
+    def per_sample(name):
+        def step():
+            model.zero_grad(set_to_none=True)
+            _, norms[name] = routes[name].forward_backward(response_log_probs, batch, mask)
+            routes[name].accumulate_grads(-coefficients / normalizer)
+        return step
+
+    def loop():
+        model.zero_grad(set_to_none=True)
+        norms["loop"] = loop_accumulate(model, response_log_probs, batch, mask, rewards, weights,
+                                        groups, normalizer).grad_sq_norms
+
+    methods = {"plain": plain, **{name: per_sample(name) for name in ROUTES}, "loop": loop}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():  # warm-up (allocations, lazy inits)
+        fn()
+    for r in range(rounds):
+        for name, fn in methods.items():
+            if name == "loop" and r >= loop_rounds:
+                continue
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+
+    lengths = batch["attention_mask"].sum(1).float()
+    row = {"case": case.name, "description": case.description, "params": params,
+           "batch": case.batch, "tokens_per_row_mean": float(lengths.mean()),
+           "padded_length": batch["input_ids"].shape[1],
+           "plan_auto": sorted(set(routes["auto"].last_plan.values()))}
+    best_plain = min(times["plain"])
+    for name, ts in times.items():
+        paired = [t / p for t, p in zip(ts, times["plain"], strict=False)]
+        row[f"{name}_ms"] = 1e3 * min(ts)
+        row[f"{name}_ratio_min"] = min(ts) / best_plain
+        row[f"{name}_ratio_median"] = statistics.median(paired)
+    row["max_rel_norm_error"] = max(
+        float(((norms[name] - norms["loop"]).abs() / norms["loop"]).max()) for name in ROUTES)
+    return row
+
+
+def write_results(rows: list[dict], quick: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    flat: dict[str, float | str] = {"machine": machine, "quick": quick,
+                                    "date": datetime.date.today().isoformat()}
+    for row in rows:
+        for route in (*ROUTES, "loop"):
+            flat[f"{row['case']}_{route}_overhead_pct"] = round(
+                100 * (row[f"{route}_ratio_min"] - 1), 1)
+        flat[f"{row['case']}_plain_ms"] = round(row["plain_ms"], 2)
+        flat[f"{row['case']}_max_rel_norm_error"] = row["max_rel_norm_error"]
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(flat, indent=1) + "\n")
+
+    lines = [
+        "# Exact per-trajectory gradient norms: cost vs plain GRPO forward + backward", "",
+        f"{datetime.date.today().isoformat()}, {machine}{', --quick' if quick else ''}. "
+        "Overhead = (min time of the method) / (min time of plain) - 1; in brackets the "
+        "median of per-round ratios. `loop` = the reference's route (one backward per "
+        "trajectory).", "",
+        "| case | params | rows x mean tokens | plain ms | " + " | ".join(
+            f"{r} overhead" for r in (*ROUTES, "loop")) + " | max rel. norm error |",
+        "|---" * (6 + len(ROUTES)) + "|",
+    ]
+    for row in rows:
+        cells = [f"{100 * (row[f'{r}_ratio_min'] - 1):+.0f}% "
+                 f"({100 * (row[f'{r}_ratio_median'] - 1):+.0f}%)" for r in (*ROUTES, "loop")]
+        lines.append(
+            f"| {row['case']} | {row['params'] / 1e6:.2f}M | {row['batch']} x "
+            f"{row['tokens_per_row_mean']:.0f} | {row['plain_ms']:.1f} | " + " | ".join(cells)
+            + f" | {row['max_rel_norm_error']:.1e} |")
+    lines += ["", *[f"- {row['case']}: {row['description']}; auto used "
+                   f"{', '.join(row['plan_auto'])}." for row in rows], ""]
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(ROUTES)
+    for j, route in enumerate(ROUTES):
+        ax.bar([i + j * width for i in range(len(rows))],
+               [100 * (row[f"{route}_ratio_min"] - 1) for row in rows], width, label=route)
+    ax.axhline(10, color="grey", linestyle="--", linewidth=1, label="10% goal")
+    ax.set_xticks([i + width * (len(ROUTES) - 1) / 2 for i in range(len(rows))],
+                  [row["case"] for row in rows])
+    ax.set_ylabel("time over plain fwd+bwd (%)")
+    ax.set_title("Exact per-trajectory grad norms + weighted gradient")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 cases, fewer rounds (< 3 min)")
+    args = parser.parse_args(argv)
+    cases = CASES[:2] if args.quick else CASES
+    rounds, loop_rounds = (10, 2) if args.quick else (30, 3)
+    rows = []
+    for case in cases:
+        row = run_case(case, rounds, loop_rounds)
+        rows.append(row)
+        print(f"{row['case']:18s} plain {row['plain_ms']:8.1f} ms  " + "  ".join(
+            f"{r} {100 * (row[f'{r}_ratio_min'] - 1):+5.0f}%" for r in (*ROUTES, "loop"))
+            + f"  norm err {row['max_rel_norm_error']:.1e}", flush=True)
+    write_results(rows, args.quick)
+    print(f"wrote {RESULTS / NAME}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
