@@ -30,8 +30,10 @@ venv-gpu:
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[gpu,dev]"
 
+# VCPO on the embedded tiny model with the real vLLM engine (builds the model on first use).
 demo: venv
-	$(BIN)/rllib train file tuned_examples/ppo_cartpole.yaml
+	$(BIN)/python -m rllib_ext.llm.tiny build
+	$(BIN)/rllib train file tuned_examples/vcpo_math_tiny.yaml --storage-path runs
 
 test: venv
 	$(BIN)/pytest tests

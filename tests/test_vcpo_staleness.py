@@ -8,30 +8,31 @@ import pytest
 from rllib_ext.algorithms.vcpo.staleness import StalenessController, schedule_is_feasible
 
 
-def simulate(k, num_runners, batch_samples, updates, seed, train_time=1.0):
-    """The VCPO driver loop against runners with random generation times.
+def simulate(k, num_runners, batch_samples, updates, seed, train_time=1.0, queue=1):
+    """The VCPO driver loop against runners with random generation times; each runner serves
+    up to ``queue`` requests one after the other.
 
     Returns (stalenesses, learner idle time, max outstanding samples)."""
     rng = random.Random(seed)
     size = 4
-    controller = StalenessController(k, batch_samples * size)
-    finish = {}  # runner -> (time, version)
-    now, idle, stalenesses, max_outstanding, launched, trained = 0.0, 0.0, [], 0, 0, 0
+    controller = StalenessController(k, batch_samples * size, max_requests_per_runner=queue)
+    finish = {r: [] for r in range(num_runners)}  # runner -> [(finish time, version)] in order
+    now, idle, stalenesses, max_outstanding, trained = 0.0, 0.0, [], 0, 0
 
     def collect():
-        for runner, (t, version) in list(finish.items()):
-            if t <= now:
-                del finish[runner]
+        for runner, requests in finish.items():
+            while requests and requests[0][0] <= now:
+                _, version = requests.pop(0)
                 controller.arrived(runner, version, size)
 
     def launch():
-        nonlocal launched, max_outstanding
-        for runner in range(num_runners):
-            if runner not in finish and controller.can_launch(runner, size):
+        nonlocal max_outstanding
+        for runner, requests in finish.items():
+            while controller.can_launch(runner, size):
                 controller.launched(runner, size, controller.learner_version)
-                finish[runner] = (now + rng.choice([0.2, 0.5, 1.0, 3.0]),
-                                  controller.learner_version)
-                launched += 1
+                start = requests[-1][0] if requests else now
+                requests.append((start + rng.choice([0.2, 0.5, 1.0, 3.0]),
+                                 controller.learner_version))
         max_outstanding = max(max_outstanding, controller.outstanding)
 
     while trained < updates:
@@ -39,8 +40,9 @@ def simulate(k, num_runners, batch_samples, updates, seed, train_time=1.0):
         launch()
         batch = controller.next_batch()
         if batch is None:
-            assert finish, "deadlock: nothing in flight and no admissible batch"
-            wake = min(t for t, _ in finish.values())
+            pending = [t for requests in finish.values() for t, _ in requests]
+            assert pending, "deadlock: nothing in flight and no admissible batch"
+            wake = min(pending)
             idle += wake - now
             now = wake
             continue
@@ -53,12 +55,19 @@ def simulate(k, num_runners, batch_samples, updates, seed, train_time=1.0):
 @pytest.mark.parametrize("k", [0, 1, 2, 4, 16])
 @pytest.mark.parametrize("num_runners", [1, 3, 8])
 @pytest.mark.parametrize("batch_samples", [1, 2])
-def test_staleness_never_exceeds_k_and_nothing_is_dropped(k, num_runners, batch_samples):
+@pytest.mark.parametrize("queue", [1, 3])
+def test_staleness_never_exceeds_k_and_nothing_is_dropped(k, num_runners, batch_samples, queue):
     for seed in range(5):
-        stalenesses, _, max_outstanding = simulate(k, num_runners, batch_samples, 60, seed)
+        stalenesses, _, max_outstanding = simulate(k, num_runners, batch_samples, 60, seed,
+                                                   queue=queue)
         assert len(stalenesses) == 60 * batch_samples
         assert min(stalenesses) >= 0 and max(stalenesses) <= k
         assert max_outstanding <= (k + 1) * batch_samples * 4
+
+
+def test_queued_requests_let_one_sampler_run_k_versions_ahead():
+    stalenesses, _, _ = simulate(8, 1, 1, 100, seed=0, train_time=0.1, queue=16)
+    assert max(stalenesses) == 8
 
 
 def test_k0_is_synchronous_on_policy():

@@ -315,9 +315,9 @@ def check_buildable(algo_class: type, config: dict, source: str, prefix: str) ->
         algo_config.validate()
     except Exception as e:  # RLlib raises ValueError, TypeError, AssertionError, ...
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fix = None if "Fix:" in message else "correct the config value(s) named in the message."
         raise CLIError(f"the config is rejected by {algo_class.__name__}: {message}",
-                       source=source, key=prefix,
-                       fix="correct the config value(s) named in the message.") from None
+                       source=source, key=prefix, fix=fix) from None
     finally:
         rllib_logger.setLevel(level)
 

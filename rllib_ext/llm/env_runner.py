@@ -31,6 +31,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env import INPUT_ENV_SPACES
 from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import (
     EPISODE_RETURN_MEAN,
     NUM_ENV_STEPS_SAMPLED,
@@ -50,11 +51,15 @@ PROMPT_LENGTH = "prompt_length"
 GROUP_ID = "group_id"
 TRUNCATED_RESPONSE = "truncated_response"
 ENV_STATE = "env_state"
+NEXT_GROUP = "next_group"
+# In a state for set_state: load the weights whatever their version and adopt it (a restored
+# run's learner may be behind the runner's engine).
+FORCE_WEIGHTS = "force_weights"
 # Group ids are unique across runners: worker_index * GROUP_ID_STRIDE + a per-runner counter.
 GROUP_ID_STRIDE = 10**12
 
 
-class LLMEnvRunner(EnvRunner):
+class LLMEnvRunner(EnvRunner, Checkpointable):
     """EnvRunner owning one generation engine and one math env (its shard of the prompts)."""
 
     def __init__(self, *, config, **kwargs):
@@ -228,6 +233,7 @@ class LLMEnvRunner(EnvRunner):
             num_problems=num_problems if num_problems is not None
             else self.config.eval_num_problems,
             temperature=self.config.eval_temperature if temperature is None else temperature,
+            top_p=self.config.eval_top_p,
             max_tokens=self.config.max_response_tokens)
 
     # ------------------------------------------------------------------ weights and state
@@ -236,7 +242,11 @@ class LLMEnvRunner(EnvRunner):
         """Load new weights into the engine (in place) when their version is newer."""
         if COMPONENT_RL_MODULE in state:
             version = int(state.get(WEIGHTS_SEQ_NO, 0))
-            if (version == 0 or version > self._weights_seq_no) and self.backend is not None:
+            force = bool(state.get(FORCE_WEIGHTS))
+            if force:
+                self._weights_seq_no = version
+            if (force or version == 0 or version > self._weights_seq_no) \
+                    and self.backend is not None:
                 module_state = state[COMPONENT_RL_MODULE]
                 if hasattr(module_state, "hex") and not isinstance(module_state, dict):
                     import ray  # an ObjectRef
@@ -253,15 +263,15 @@ class LLMEnvRunner(EnvRunner):
                 self._weights_seq_no = version
         if ENV_STATE in state and self.env is not None:
             self.env.set_state(state[ENV_STATE])
-        if "next_group" in state:
-            self._next_group = int(state["next_group"])
+        if NEXT_GROUP in state:
+            self._next_group = int(state[NEXT_GROUP])
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
 
     def get_state(self, components: str | Collection[str] | None = None, *,
                   not_components: str | Collection[str] | None = None, **kwargs) -> dict:
         state: dict[str, Any] = {WEIGHTS_SEQ_NO: self._weights_seq_no,
-                                 "next_group": self._next_group}
+                                 NEXT_GROUP: self._next_group}
         if self.env is not None:
             state[ENV_STATE] = self.env.get_state()
         return state

@@ -18,12 +18,12 @@ from rllib_ext.llm.generation import SamplingSettings
 
 
 def evaluate_accuracy(backend, env, *, num_problems: int | None = None,
-                      temperature: float = 0.0, max_tokens: int = 8,
+                      temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 8,
                       batch_size: int = 256) -> dict:
     """Accuracy of one sample per problem (greedy when ``temperature == 0``) over the first
     ``num_problems`` problems of ``env`` (a :class:`envs.math.env.MathEnv`; all when None)."""
     count = len(env.problems) if num_problems is None else min(num_problems, len(env.problems))
-    sampling = SamplingSettings(n=1, temperature=temperature, top_p=1.0, max_tokens=max_tokens)
+    sampling = SamplingSettings(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     started = time.perf_counter()
     correct = generated = truncated = 0
     for start in range(0, count, batch_size):
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--num-problems", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-prompt-tokens", type=int, default=64)
     parser.add_argument("--max-response-tokens", type=int, default=8)
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_model_len=args.max_prompt_tokens + args.max_response_tokens)
     try:
         result = evaluate_accuracy(backend, env, num_problems=args.num_problems,
-                                   temperature=args.temperature,
+                                   temperature=args.temperature, top_p=args.top_p,
                                    max_tokens=args.max_response_tokens)
     finally:
         backend.close()

@@ -29,6 +29,7 @@ class LLMRolloutConfig(AlgorithmConfig):
         self.max_response_tokens = 8
         self.engine_kwargs = {}
         self.eval_temperature = 0.0
+        self.eval_top_p = 1.0
         self.eval_split = "test"
         self.eval_num_problems = None
 
@@ -36,7 +37,8 @@ class LLMRolloutConfig(AlgorithmConfig):
                      num_generations=NotProvided, prompts_per_sample=NotProvided,
                      temperature=NotProvided, top_p=NotProvided, max_prompt_tokens=NotProvided,
                      max_response_tokens=NotProvided, engine_kwargs=NotProvided,
-                     eval_temperature=NotProvided, eval_split=NotProvided,
+                     eval_temperature=NotProvided, eval_top_p=NotProvided,
+                     eval_split=NotProvided,
                      eval_num_problems=NotProvided) -> LLMRolloutConfig:
         """Rollout settings.
 
@@ -50,7 +52,7 @@ class LLMRolloutConfig(AlgorithmConfig):
                 than max_prompt_tokens are skipped (counted), responses stop at
                 max_response_tokens (counted as truncated).
             engine_kwargs: extra keyword arguments for ``vllm.LLM``.
-            eval_temperature: 0 = greedy evaluation.
+            eval_temperature, eval_top_p: evaluation sampling (temperature 0 = greedy).
             eval_split, eval_num_problems: the held-out split and how many of its problems
                 (None = all) the accuracy evaluation uses.
         """

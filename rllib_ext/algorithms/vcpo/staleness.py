@@ -55,10 +55,18 @@ class Sample:
 
 @dataclass
 class StalenessController:
+    """Admission bookkeeping of one asynchronous run (rules 1 and 2 of the module docstring).
+
+    A runner may hold up to ``max_requests_per_runner`` requests; it serves them in order, each
+    with the weights queued before it, so queued requests carry older versions — this is how a
+    single sampler can run k versions ahead.
+    """
+
     max_staleness: int
     train_batch_size: int
+    max_requests_per_runner: int = 1
     learner_version: int = 0
-    in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # runner -> (v, size)
+    in_flight: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # runner -> FIFO
     buffer: list[Sample] = field(default_factory=list)
     _arrivals: int = 0
 
@@ -68,16 +76,22 @@ class StalenessController:
                              "for synchronous on-policy training or k >= 1 for async.")
         if self.train_batch_size < 1:
             raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}.")
+        if self.max_requests_per_runner < 1:
+            raise ValueError("max_requests_per_runner must be >= 1, got "
+                             f"{self.max_requests_per_runner}.")
+
+    def _in_flight_requests(self) -> list[tuple[int, int]]:
+        return [request for queue in self.in_flight.values() for request in queue]
 
     @property
     def outstanding(self) -> int:
         """Trajectories requested or finished but not yet trained."""
-        return sum(size for _, size in self.in_flight.values()) + \
+        return sum(size for _, size in self._in_flight_requests()) + \
             sum(s.size for s in self.buffer)
 
     def can_launch(self, runner_id: int, size: int) -> bool:
-        """Rule 1 (and at most one request per runner)."""
-        return runner_id not in self.in_flight and \
+        """Rule 1, and the runner's queue has room."""
+        return len(self.in_flight.get(runner_id, ())) < self.max_requests_per_runner and \
             self.outstanding + size <= (self.max_staleness + 1) * self.train_batch_size
 
     def launched(self, runner_id: int, size: int, version: int) -> None:
@@ -85,18 +99,23 @@ class StalenessController:
         if version != self.learner_version:
             raise ValueError(f"launching with weights v{version} while the learner is at "
                              f"v{self.learner_version}: push the current weights first.")
-        self.in_flight[runner_id] = (version, size)
+        self.in_flight.setdefault(runner_id, []).append((version, size))
 
     def arrived(self, runner_id: int, version: int, size: int, payload: Any = None) -> Sample:
-        """Record a finished sample (``version`` as stamped on its episodes)."""
-        self.in_flight.pop(runner_id, None)
+        """Record a finished sample (``version`` as stamped on its episodes); a runner's
+        requests finish in the order they were sent."""
+        queue = self.in_flight.get(runner_id)
+        if queue:
+            queue.pop(0)
+            if not queue:
+                del self.in_flight[runner_id]
         sample = Sample(version=version, size=size, payload=payload, arrival=self._arrivals)
         self._arrivals += 1
         self.buffer.append(sample)
         return sample
 
     def lost(self, runner_id: int) -> None:
-        """The runner failed: its request will never arrive."""
+        """The runner failed: its requests will never arrive."""
         self.in_flight.pop(runner_id, None)
 
     def next_batch(self) -> list[Sample] | None:
@@ -115,7 +134,7 @@ class StalenessController:
                              f"a train batch of exactly {self.train_batch_size}. Fix: make the "
                              "train batch a multiple of prompts_per_sample x num_generations.")
         remaining = [(s.version, s.size) for s in ordered[len(batch):]] + \
-            list(self.in_flight.values())
+            self._in_flight_requests()
         if not schedule_is_feasible(remaining, self.learner_version + 1, self.max_staleness,
                                     self.train_batch_size):
             return None

@@ -31,6 +31,7 @@ from ray.rllib.utils.metrics import (
 
 from rllib_ext.algorithms.vcpo.staleness import StalenessController
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
+from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
 
 CORRECTIONS = ("seq_tis", "none", "token_tis", "masked_is", "geo_mask")
@@ -38,8 +39,9 @@ BASELINES = ("opob", "grpo")
 OPOB_ROUTES = ("ghost", "loop")
 ESS_RULES = ("sqrt", "linear", "none")
 
-# Algorithm-level metrics (top level of the result dict).
+# Algorithm-level metrics (top level of the result dict) and checkpoint state.
 VCPO_RESULTS = "vcpo"
+RESUMABLE_RUNNER_STATE = (ENV_STATE, NEXT_GROUP)
 
 
 class VCPOConfig(LLMRolloutConfig):
@@ -80,7 +82,9 @@ class VCPOConfig(LLMRolloutConfig):
         # One remote vLLM runner and a local learner fit two CPU cores.
         self.num_env_runners = 1
         self.num_learners = 0
-        self.max_requests_in_flight_per_env_runner = 4
+        # A runner holds up to 2 sample requests, so it starts the next generation as soon
+        # as one ends (queued requests carry older weights, within max_staleness).
+        self.max_requests_in_flight_per_env_runner = 2
         self.restart_failed_env_runners = True
         self.add_default_connectors_to_learner_pipeline = False
         self.min_sample_timesteps_per_iteration = 0
@@ -195,13 +199,18 @@ class VCPO(Algorithm):
 
     def setup(self, config) -> None:
         super().setup(config)
-        self._staleness = StalenessController(self.config.max_staleness,
-                                              self.config.train_batch_size_per_learner)
+        self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
         self._sent_version = {i: 0 for i in self.env_runner_group.healthy_env_runner_ids()}
         self._weights_ref = None
         self._weights_ref_version = -1
         self._runner_states: dict[int, dict] = {}
+
+    def _new_staleness_controller(self, learner_version: int = 0) -> StalenessController:
+        return StalenessController(
+            self.config.max_staleness, self.config.train_batch_size_per_learner,
+            max_requests_per_runner=self.config.max_requests_in_flight_per_env_runner,
+            learner_version=learner_version)
 
     # ------------------------------------------------------------------ the loop
 
@@ -282,7 +291,9 @@ class VCPO(Algorithm):
         metrics = []
         for runner_id, (episodes_ref, state, runner_metrics) in results:
             episodes = ray.get(episodes_ref)
-            self._runner_states[runner_id] = state
+            # Data position as of this finished sample (what a restore resumes from).
+            self._runner_states[runner_id] = {k: state[k] for k in RESUMABLE_RUNNER_STATE
+                                              if k in state}
             metrics.append(runner_metrics)
             self._staleness.arrived(runner_id, self._version_of(episodes), len(episodes),
                                     episodes)
@@ -297,15 +308,15 @@ class VCPO(Algorithm):
         """Start a sample on every idle runner the staleness bound admits, with current weights."""
         version = self._staleness.learner_version
         for runner_id in self.env_runner_group.healthy_env_runner_ids():
-            if not self._staleness.can_launch(runner_id, self.config.sample_size):
-                continue
-            if self._sent_version.get(runner_id, -1) < version:
-                self._push_weights([runner_id])
+            while self._staleness.can_launch(runner_id, self.config.sample_size):
                 if self._sent_version.get(runner_id, -1) < version:
-                    continue  # its weight queue is full; try again on the next pass
-            if self.env_runner_group.foreach_env_runner_async(
-                    "sample_get_state_and_metrics", tag="sample",
-                    remote_worker_ids=[runner_id]):
+                    self._push_weights([runner_id])
+                    if self._sent_version.get(runner_id, -1) < version:
+                        break  # its weight queue is full; try again on the next pass
+                if not self.env_runner_group.foreach_env_runner_async(
+                        "sample_get_state_and_metrics", tag="sample",
+                        remote_worker_ids=[runner_id]):
+                    break
                 self._staleness.launched(runner_id, self.config.sample_size, version)
 
     # ------------------------------------------------------------------ weights
@@ -354,6 +365,43 @@ class VCPO(Algorithm):
         for key, value in result.items():
             self.metrics.log_value((EVALUATION_RESULTS, key), value, window=1)
         return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
+        """Adds what RLlib's state lacks for an asynchronous LLM run: each remote runner's
+        position in its data shard (as of its last finished sample), the finished but not yet
+        trained samples, and the staleness bookkeeping. Requests in flight are not saved:
+        their prompts are generated again after a restore (never skipped)."""
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component(VCPO_RESULTS, components, not_components):
+            state[VCPO_RESULTS] = {
+                "learner_version": self._staleness.learner_version,
+                "runner_states": dict(self._runner_states),
+                "buffer": [(s.version, s.size, s.payload) for s in self._staleness.buffer],
+            }
+        return state
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if VCPO_RESULTS not in state:
+            return
+        saved = state[VCPO_RESULTS]
+        self._staleness = self._new_staleness_controller(saved["learner_version"])
+        for version, size, payload in saved["buffer"]:
+            self._staleness.arrived(-1, version, size, payload)
+        self._runner_states = dict(saved["runner_states"])
+        runner_ids = self.env_runner_group.healthy_env_runner_ids()
+        weights = {**self._current_weights(as_ref=False), FORCE_WEIGHTS: True}
+        for runner_id in runner_ids:
+            runner_state = {**weights, **self._runner_states.get(runner_id, {})}
+            self.env_runner_group.foreach_env_runner(
+                lambda runner, s=runner_state: runner.set_state(s),
+                remote_worker_ids=[runner_id], local_env_runner=False,
+                timeout_seconds=self.config.sample_timeout_s)
+            self._sent_version[runner_id] = self._staleness.learner_version
+        if not runner_ids:
+            self.env_runner.set_state(weights)
 
     # ------------------------------------------------------------------ fault tolerance
 
