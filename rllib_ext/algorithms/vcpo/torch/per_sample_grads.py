@@ -272,16 +272,21 @@ class _PieceShape:
     length: int  # positions per sample (L)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # Gram matrices sum L x d products: half precision would lose the norm's digits.
+    return x.float() if x.element_size() < 4 else x
+
+
 def _left_gram(a: _Factored, b: _Factored) -> torch.Tensor:
     """``[B, La, Lb]`` inner products of the left factors (one-hot rows are gathered)."""
     if a.indexed and b.indexed:
-        return (a.left[:, :, None] == b.left[:, None, :]).to(a.right.dtype)
+        return (a.left[:, :, None] == b.left[:, None, :]).to(torch.float32)
     if a.indexed:  # onehot(x_t) . left_s = left_s[x_t]
         index = a.left[:, None, :].expand(-1, b.left.shape[1], -1)
-        return torch.gather(b.left, 2, index).transpose(1, 2)
+        return _at_least_float32(torch.gather(b.left, 2, index).transpose(1, 2))
     if b.indexed:
         return _left_gram(b, a).transpose(1, 2)
-    return torch.bmm(a.left, b.left.transpose(1, 2))
+    return torch.bmm(_at_least_float32(a.left), _at_least_float32(b.left).transpose(1, 2))
 
 
 def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Tensor:
@@ -296,7 +301,8 @@ def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Ten
         hi = lo + chunk
         part_a = _Factored(a.left[lo:hi], a.right[lo:hi], a.rows)
         part_b = _Factored(b.left[lo:hi], b.right[lo:hi], b.rows)
-        right = torch.bmm(part_a.right, part_b.right.transpose(1, 2))
+        right = torch.bmm(_at_least_float32(part_a.right),
+                          _at_least_float32(part_b.right).transpose(1, 2))
         out.append((_left_gram(part_a, part_b) * right).sum(dim=(1, 2), dtype=torch.float32))
     return torch.cat(out)
 
@@ -325,7 +331,8 @@ class _Workspace:
         """``x x^T`` per sample, ``[B, L, L]``, computed once per distinct tensor."""
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
         if key not in self._grams:  # x is kept too, so its memory cannot be reused meanwhile
-            self._grams[key] = (x, torch.bmm(x, x.transpose(1, 2)))
+            wide = _at_least_float32(x)
+            self._grams[key] = (x, torch.bmm(wide, wide.transpose(1, 2)))
         return self._grams[key][1]
 
     def end_backward(self) -> None:
