@@ -19,12 +19,14 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How completions are drawn. ``temperature=0`` means greedy."""
+    """How completions are drawn. ``temperature=0`` means greedy; ``min_tokens`` suppresses
+    the end-of-sequence token until that many tokens exist (fixed-length benchmarks)."""
 
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 8
+    min_tokens: int = 0
 
     def __post_init__(self):
         problems = []
@@ -37,6 +39,8 @@ class SamplingSettings:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             problems.append(f"max_response_tokens must be an integer >= 1, got "
                             f"{self.max_tokens!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            problems.append(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         if problems:
             raise ValueError("; ".join(problems) + ". Fix: correct the rollout settings.")
 
@@ -95,7 +99,8 @@ class TransformersBackend:
         greedy = sampling.temperature == 0
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+            max_new_tokens=sampling.max_tokens, min_new_tokens=sampling.min_tokens or None,
+            do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None,
             output_scores=True, return_dict_in_generate=True,
@@ -137,34 +142,38 @@ class WeightSyncExtension:
 
 
 class VLLMBackend:
-    """A ``vllm.LLM`` engine, in the calling process by default.
+    """A ``vllm.LLM`` engine.
 
-    In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniprocess executor) the engine starts in
-    seconds instead of about half a minute on CPU, lives and dies with its Ray actor, and weight
-    syncs pass tensors without serialisation. Note that vLLM's CPU worker then pins the
-    process's OpenMP threads, so keep learners out of this process (env runners are actors).
+    By default the engine core runs in its own process (vLLM's default): scheduling overlaps
+    with output processing, about twice the tokens/s of the in-process engine on the tiny model
+    (bench/results/rollout_throughput.md). ``in_process=True`` (or the environment variable
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) keeps everything in the calling process: start-up in
+    seconds and weight syncs without serialisation, but vLLM's CPU worker then pins the
+    process's OpenMP threads, so keep learners out of that process.
+    Prompts arrive as token ids and responses leave as token ids: the engine loads no tokenizer
+    and detokenizes nothing; log-probs come back flat (one float per token).
     """
 
     def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 512,
-                 engine_kwargs: dict | None = None):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+                 engine_kwargs: dict | None = None, in_process: bool = False):
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        on_cpu = current_platform.is_cpu()
         kwargs = dict(
             model=model_path, seed=seed, max_model_len=max_model_len,
-            distributed_executor_backend="uni",
+            distributed_executor_backend="uni", skip_tokenizer_init=True,
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
             # Behaviour log-probs of the distribution tokens are sampled from.
             logprobs_mode="processed_logprobs",
         )
-        if on_cpu:
+        if current_platform.is_cpu():
             # float32 on AVX2; the CPU backend reads this as a fraction of the node's RAM.
             kwargs.update(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
         kwargs.update(engine_kwargs or {})
-        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
         started = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - started
@@ -173,20 +182,14 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature,
-                                top_p=sampling.top_p, max_tokens=sampling.max_tokens, logprobs=0)
+                                top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                min_tokens=sampling.min_tokens, logprobs=0, flat_logprobs=True,
+                                detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     use_tqdm=False)
-        results = []
-        for output in outputs:
-            completions = []
-            for sample in output.outputs:
-                ids = list(sample.token_ids)
-                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
-                completions.append(Completion(ids, logprobs,
-                                              "length" if sample.finish_reason == "length"
-                                              else "stop"))
-            results.append(completions)
-        return results
+        return [[Completion(list(sample.token_ids), sampled_token_logprobs(sample.logprobs),
+                            "length" if sample.finish_reason == "length" else "stop")
+                 for sample in output.outputs] for output in outputs]
 
     def load_weights(self, state_dict):
         payload = state_dict
@@ -206,6 +209,12 @@ class VLLMBackend:
             if shutdown:
                 shutdown()
             self.llm = None
+
+
+def sampled_token_logprobs(flat) -> list[float]:
+    """The sampled token's log-prob at every position of a vLLM ``FlatLogprobs`` (the sampled
+    token comes first among a position's entries)."""
+    return [flat.logprobs[start] for start in flat.start_indices]
 
 
 def make_backend(kind: str, model_path: str, *, seed: int = 0, max_model_len: int = 512,
