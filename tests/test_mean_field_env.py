@@ -166,3 +166,28 @@ def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
     assert float(mean_field["return_per_agent"]) == pytest.approx(
         np.mean([e.get_return() for e in episodes]) / 12)
     assert 0.0 < float(mean_field["mu_l1_distance"]) < 2.0
+
+
+@pytest.mark.parametrize("schedule", ["all", "bernoulli=0.5"])
+def test_env_empirical_mu_approaches_the_exact_flow_as_n_grows(schedule):
+    """Through the dict interface, with a fixed policy table: the mean L1 distance between
+    the env's mu_t and the exact flow shrinks ~5x for 25x agents."""
+    from envs.mean_field.core import sample_categorical
+    from envs.mean_field.model import constant_policy
+
+    table = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]] * 6)
+    errors = {}
+    for n in (80, 2000):
+        env = DynamicQueueingEnv({"num_agents": n, "activation": schedule, "rounds": 3})
+        flow, _ = env.mean_field_model().flow(constant_policy(table))
+        rng = np.random.default_rng(n)
+        runs = []
+        for episode in range(12):
+            obs, _ = env.reset(seed=episode)
+            while obs:
+                own = np.array([vector[:12] for vector in obs.values()]).argmax(axis=1)
+                actions = sample_categorical(rng, table[own])
+                obs, *_ = env.step(dict(zip(obs, actions.tolist())))
+            runs.append(np.abs(env.mu_history - flow).sum(axis=1).mean())
+        errors[n] = np.mean(runs)
+    assert errors[80] / errors[2000] == pytest.approx(5.0, rel=0.4)

@@ -121,6 +121,7 @@ def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
         assert exploitability[0] > 1.5
         assert np.mean(exploitability[-3:]) < 0.5 * exploitability[0]
         last = results[-1]
+        assert last["num_agent_actions_lifetime"] == 15 * 4 * 50 * 10
         assert last["learners"]["shared"]["entropy"] < np.log(4)
         runner_metrics = last["env_runners"]["mean_field"]
         assert 4.0 < runner_metrics["return_per_agent"] < 5.0

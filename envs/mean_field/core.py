@@ -28,6 +28,7 @@ representative agent of the mean-field model assumes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -293,8 +294,9 @@ class PopulationSimulator:
 
     @property
     def mu(self) -> np.ndarray:
-        """The empirical distribution over observations, mu(o) = #{i : o_i = o} / N."""
-        return self.counts / self.num_agents
+        """The empirical distribution over observations, mu(o) = #{i : o_i = o} / N
+        (= ``mu_history[t]``; do not modify)."""
+        return self.mu_history[self.t]
 
     def reset(self) -> None:
         """Draw every agent's observation i.i.d. from mu_0 and restart the clock."""
@@ -303,7 +305,7 @@ class PopulationSimulator:
         self.observations = sample_categorical(self.rng, probs)
         self.counts = np.bincount(self.observations, minlength=self.game.num_observations)
         self.t = 0
-        self.mu_history[0] = self.mu
+        self.mu_history[0] = self.counts / self.num_agents
 
     def sample_active(self) -> np.ndarray:
         return self.activation.sample(self.rng)
@@ -325,7 +327,7 @@ class PopulationSimulator:
         size = self.game.num_observations
         self.counts += np.bincount(new, minlength=size) - np.bincount(old, minlength=size)
         self.t += 1
-        self.mu_history[self.t] = self.mu
+        self.mu_history[self.t] = self.counts / self.num_agents
         return rewards
 
     def observation_matrix(self, agents: np.ndarray, with_mu: bool) -> np.ndarray:
@@ -333,11 +335,16 @@ class PopulationSimulator:
         return encode_observations(self.observations[agents], self.mu, with_mu)
 
 
+@functools.cache
+def _identity(size: int) -> np.ndarray:
+    return np.eye(size, dtype=np.float32)
+
+
 def encode_observations(observations: np.ndarray, mu: np.ndarray, with_mu: bool) -> np.ndarray:
     """float32 [n, O] one-hot rows of ``observations``, followed by mu (-> [n, 2 O]) when
     ``with_mu``: the vector an acting agent sees, [onehot(o_i), mu_t]."""
     size = len(mu)
-    onehot = np.eye(size, dtype=np.float32)[observations]
+    onehot = _identity(size)[observations]
     if not with_mu:
         return onehot
     return np.concatenate(

@@ -99,6 +99,7 @@ class MeanFieldEnv(MultiAgentEnv):
         self.observation_spaces = dict.fromkeys(self.possible_agents, observation_space)
         self.action_spaces = dict.fromkeys(self.possible_agents, action_space)
         self._acting = np.zeros(0, dtype=np.int64)
+        self._acting_ids: list[str] = []
 
     # ------------------------------------------------------------------ gymnasium API
 
@@ -115,9 +116,10 @@ class MeanFieldEnv(MultiAgentEnv):
     def step(self, action_dict: dict):
         agents, actions = self._parse_actions(action_dict)
         rewards = self.simulator.step(agents, actions)
-        reward_dict = dict(zip(self._ids[agents], rewards.tolist()))
+        reward_dict = dict(zip(action_dict, rewards.tolist()))
         if self.simulator.t >= self.horizon:
             self._acting = np.zeros(0, dtype=np.int64)
+            self._acting_ids = []
             return {}, reward_dict, {"__all__": True}, {"__all__": False}, {}
         self._acting = self.simulator.sample_active()
         return (self._observations(self._acting), reward_dict, {"__all__": False},
@@ -155,10 +157,26 @@ class MeanFieldEnv(MultiAgentEnv):
     # ------------------------------------------------------------------ dict boundary
 
     def _observations(self, agents: np.ndarray) -> dict:
-        return dict(zip(self._ids[agents], self.simulator.observation_matrix(
+        self._acting_ids = self._ids[agents].tolist()
+        return dict(zip(self._acting_ids, self.simulator.observation_matrix(
             agents, self.observe_mu)))
 
     def _parse_actions(self, action_dict: dict) -> tuple[np.ndarray, np.ndarray]:
+        # Fast path: the keys of the last observation dict, in the same order (what RLlib
+        # sends back); list equality of the same string objects is a pointer comparison.
+        if list(action_dict) == self._acting_ids:
+            agents = self._acting
+        else:
+            agents = self._agents_of(action_dict)
+        actions = np.fromiter(action_dict.values(), np.int64, len(action_dict))
+        if np.any((actions < 0) | (actions >= self.game.num_actions)):
+            raise ValueError(f"actions must be integers in [0, {self.game.num_actions}); "
+                             f"got {actions[(actions < 0) | (actions >= self.game.num_actions)][:5]}.")
+        return agents, actions
+
+    def _agents_of(self, action_dict: dict) -> np.ndarray:
+        """Indices of the agents in ``action_dict`` (any order); raises if they are not
+        exactly the acting agents."""
         index = self._index
         try:
             agents = np.fromiter((index[aid] for aid in action_dict), np.int64,
@@ -175,8 +193,4 @@ class MeanFieldEnv(MultiAgentEnv):
                 f"last observation dict; idle agents that sent actions: "
                 f"{[self.possible_agents[i] for i in extra[:5]]}, acting agents without an "
                 f"action: {[self.possible_agents[i] for i in missing[:5]]}.")
-        actions = np.fromiter(action_dict.values(), np.int64, len(action_dict))
-        if np.any((actions < 0) | (actions >= self.game.num_actions)):
-            raise ValueError(f"actions must be integers in [0, {self.game.num_actions}); "
-                             f"got {actions[(actions < 0) | (actions >= self.game.num_actions)][:5]}.")
-        return agents, actions
+        return agents

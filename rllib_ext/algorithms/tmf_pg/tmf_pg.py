@@ -58,6 +58,9 @@ from rllib_ext.algorithms.tmf_pg.population import (
     shared_policy_mapping,
 )
 
+# Lifetime number of actions taken by all agents (the clock of TMF-PG's schedules).
+NUM_AGENT_ACTIONS_LIFETIME = "num_agent_actions_lifetime"
+
 
 class TMFPGConfig(AlgorithmConfig):
     """Config of :class:`TMFPG`. TMF-PG settings (``.training(...)``):
@@ -73,6 +76,9 @@ class TMFPGConfig(AlgorithmConfig):
 
     Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon), complete episodes, sampling on
     the local env runner, the :class:`MeanFieldEnvRunner` and :class:`MeanFieldMetricsCallback`.
+    An ``lr`` schedule ``[[t, value], ...]`` counts t in agent actions (result key
+    ``num_agent_actions_lifetime``), which mean the same experience under every activation
+    schedule (env steps do not: an env step is N actions with ``all``, 1 with ``sequential``).
     """
 
     def __init__(self, algo_class=None):
@@ -192,11 +198,17 @@ class TMFPG(Algorithm):
             episodes, runner_metrics = self._sample_episodes()
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
 
+        self.metrics.log_value(NUM_AGENT_ACTIONS_LIFETIME,
+                               sum(episode.agent_steps() for episode in episodes),
+                               reduce="lifetime_sum")
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            # Schedules (lr: [[t, value], ...]) count agent actions, not env steps: one env
+            # step is N actions when all act and 1 when one acts, so only actions mean the
+            # same amount of experience under every activation schedule.
             learner_results = self.learner_group.update(
                 episodes=episodes,
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                    (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)})
+                    NUM_AGENT_ACTIONS_LIFETIME, default=0)})
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
