@@ -223,6 +223,7 @@ class _ToyLM(nn.Module):
         self.block = nn.Linear(16, 16)
         self.norm_out = nn.RMSNorm(16)
         self.head = nn.Linear(16, VOCAB)
+        self.unused = nn.Linear(16, 2)  # runs, but its output never reaches logp
         with torch.no_grad():
             for p in (self.norm_in.weight, self.norm_in.bias, self.norm_out.weight):
                 p.add_(0.3 * torch.randn_like(p))
@@ -230,6 +231,7 @@ class _ToyLM(nn.Module):
 
     def forward(self, ids):
         h = self.norm_in(self.embed(ids))
+        self.unused(h)
         for _ in range(2):  # one parameter, two per-sample pieces
             h = h + torch.tanh(self.block(h))
         steps = torch.arange(1, ids.shape[1] + 1, dtype=h.dtype)[None, :, None]
@@ -261,11 +263,13 @@ def test_biases_layernorm_reused_modules_on_a_toy_lm(strategy):
 
     coefficients = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.2])
     psg.accumulate_grads(coefficients)
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    got = {n: p.grad for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     losses.policy_gradient_loss(toy_forward_fn(model, batch), mask, -coefficients, 1.0).backward()
+    assert got["unused.weight"] is None and model.unused.weight.grad is None  # as autograd
     for name, p in model.named_parameters():
-        assert_close(got[name], p.grad, name)
+        if not name.startswith("unused"):
+            assert_close(got[name], p.grad, name)
     assert got["embed.weight"][PAD].abs().max() == 0  # padding_idx row: no gradient
 
 

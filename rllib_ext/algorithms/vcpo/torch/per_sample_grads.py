@@ -459,7 +459,7 @@ class _ParamGrads:
             return _sq_norms_of(self.stored)
         if self.route == "chunked":
             numel = self.param.numel()
-            flat = workspace.buffer("chunk", numel, _like(self.factored[0]))
+            flat = workspace.buffer("chunk", numel, _like((self.factored or self.dense)[0]))
             chunk = max(1, flat.numel() // numel)
             return torch.cat([_sq_norms_of(self._fill(flat, lo, min(self.batch, lo + chunk)))
                               for lo in range(0, self.batch, chunk)])
