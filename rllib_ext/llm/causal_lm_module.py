@@ -35,25 +35,25 @@ def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], p
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    width = max([len(r) for r in responses] + [1]) if response_width is None else response_width
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    batch = len(prompts)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    response_index = torch.zeros((batch, width), dtype=torch.long)
-    response_mask = torch.zeros((batch, width), dtype=torch.float32)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        if not prompt:
+    for row, prompt in enumerate(prompts):
+        if not len(prompt):
             raise ValueError(f"row {row}: empty prompt (a response needs at least one token "
                              "of context, e.g. <bos>)")
-        tokens = list(prompt) + list(response)
-        input_ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, :len(tokens)] = 1
-        n = min(len(response), width)
-        response_index[row, :n] = torch.arange(len(prompt), len(prompt) + n)
-        response_mask[row, :n] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "response_index": response_index, "response_mask": response_mask}
+    width = max([len(r) for r in responses] + [1]) if response_width is None else response_width
+    prompt_lengths = np.array([len(p) for p in prompts])
+    response_lengths = np.minimum([len(r) for r in responses], width)
+    total = prompt_lengths + np.array([len(r) for r in responses])
+    input_ids = np.full((len(prompts), total.max()), pad_id, dtype=np.int64)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, :total[row]] = np.concatenate([prompt, response])
+    columns = np.arange(input_ids.shape[1])
+    attention_mask = (columns[None, :] < total[:, None]).astype(np.int64)
+    response_mask = np.arange(width)[None, :] < response_lengths[:, None]
+    response_index = np.where(response_mask, prompt_lengths[:, None] + np.arange(width), 0)
+    return {"input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "response_index": torch.from_numpy(response_index.astype(np.int64)),
+            "response_mask": torch.from_numpy(response_mask.astype(np.float32))}
 
 
 def response_log_probs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
