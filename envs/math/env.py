@@ -17,6 +17,8 @@ env_config keys (defaults in brackets):
     answer_style       grading style (see AnswerChecker); default by dataset: arithmetic "plain",
                        gsm8k "gsm8k", math "boxed"
     checker_timeout_s  per-answer math-verify timeout [5.0]
+    answer_verifier    "module:function" (predicted, gold) -> bool replacing math-verify, e.g.
+                       for custom answer types [None]
     shuffle, seed      a seeded permutation of the problems per epoch [True, 0]
 The prompts are sharded across env runners by ``worker_index`` (every runner sees a disjoint
 slice). :meth:`get_state`/:meth:`set_state` carry the position in the data (epoch, index) so a
@@ -64,7 +66,8 @@ class MathEnv(gym.Env):
         style = config.get("answer_style") or DEFAULT_ANSWER_STYLE.get(
             self.dataset_config.get("name"), "auto")
         self.checker = AnswerChecker(style=style,
-                                     timeout_s=float(config.get("checker_timeout_s", 5.0)))
+                                     timeout_s=float(config.get("checker_timeout_s", 5.0)),
+                                     verifier=config.get("answer_verifier"))
         self.shuffle = bool(config.get("shuffle", True))
         self.seed_value = int(config.get("seed", 0))
 

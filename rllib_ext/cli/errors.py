@@ -28,4 +28,5 @@ class CLIError(Exception):
         text = f"{where}: {self.message}" if where else self.message
         if self.fix:
             text += f" Fix: {self.fix}"
-        return text
+        # One paragraph, even when the input itself holds line breaks.
+        return text.replace("\r", "\\r").replace("\n", "\\n")

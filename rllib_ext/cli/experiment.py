@@ -201,6 +201,8 @@ def resolve_algorithm(name: Any, source: str, key: str) -> type:
 
 
 def resolve_environment(value: Any, source: str, key: str) -> Any:
+    if _is_search_space(value):
+        _check_search_space_arg(*next(iter(value.items())), source, key)
     candidates = _candidates(value)
     resolved = []
     for env in candidates:
@@ -289,6 +291,7 @@ def validate_config(config: dict, algo_name: str, algo_class: type, source: str,
             marker, arg = next(iter(value.items()))
             if marker in ("grid_search", "choice") and isinstance(arg, list):
                 arg = [_coerce_numeric_string(a, default_value) for a in arg]
+            _check_search_space_arg(marker, arg, source, full_key)
             value = {marker: arg}
         else:
             value = _coerce_numeric_string(value, default_value)

@@ -34,13 +34,21 @@ tfevents files (view with `tensorboard --logdir STORAGE/EXPERIMENT`) and checkpo
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are CLIErrors: one paragraph like every other error."""
+
+    def error(self, message):
+        raise CLIError(f"{message}.", source="command line",
+                       fix=f"see `{self.prog} --help`.")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser (for --help) and the `train` parser (parsed intermixed, so options
     may come before or after `file PATH`)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rllib", description="Train RLlib and rllib-ext algorithms through Ray Tune.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     train = commands.add_parser(
         "train", help="train from a YAML file (`train file PATH`) or from flags",
@@ -76,6 +84,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="CPUs for the local Ray instance (default: all)")
     train.add_argument("-v", "--verbose", action="count", default=0,
                        help="also show Tune's own status tables (-v, -vv)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate the experiment(s) and print what would run; start nothing")
 
     commands.add_parser("list", help="list the algorithms and rllib-ext environments")
     return parser, train
@@ -119,6 +129,12 @@ def _train(args) -> int:
     from rllib_ext.cli.tune_runner import find_checkpoint, init_ray, run_experiment
 
     restore = find_checkpoint(args.restore) if args.restore else None
+    if args.dry_run:
+        for experiment in experiments:
+            print(f"{experiment.name}: {experiment.algo_name} on "
+                  f"{experiment.param_space.get('env')}, stop {experiment.stop or 'never'}, "
+                  f"{len(experiment.param_space)} config keys ({experiment.source}): valid")
+        return 0
     init_ray(args.num_cpus, args.verbose)
     failed = 0
     for experiment in experiments:
@@ -151,6 +167,16 @@ def _list() -> int:
     return 0
 
 
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="rllib-error-", suffix=".txt",
+                                     delete=False) as f:
+        traceback.print_exc(file=f)
+        return f.name
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, train_parser = build_parser()
@@ -169,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         print("rllib: interrupted; finished checkpoints stay in the trial directories.",
               file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours: one paragraph for the user, the trace in a file
+        trace = _save_traceback()
+        print(f"rllib: internal error: {type(e).__name__}: {e}. This is a bug in rllib-ext, "
+              f"not in your input; the traceback is in {trace}. Fix: please report it with "
+              "that file.", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -146,7 +146,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         version = self._weights_seq_no
 
         started = time.perf_counter()
-        groups = self.backend.generate(prompts, sampling)
+        try:
+            groups = self.backend.generate(prompts, sampling)
+        except Exception as error:
+            if is_engine_dead(error):
+                exit_for_restart(f"LLMEnvRunner {self.worker_index}: its vLLM engine died "
+                                 f"({error!r}); exiting so that RLlib restarts this runner.")
+            raise
         generation_s = time.perf_counter() - started
 
         completions = [c for group in groups for c in group]
@@ -289,6 +295,26 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if self.env is not None:
             self.env.close()
             self.env = None
+
+
+def is_engine_dead(error: BaseException) -> bool:
+    """Whether ``error`` means the engine can never answer again (vLLM's EngineDeadError)."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:
+        return False
+    return isinstance(error, EngineDeadError)
+
+
+def exit_for_restart(message: str) -> None:
+    """Kill this actor's process: Ray marks the actor dead and RLlib's fault tolerance
+    (restart_failed_env_runners) starts a fresh one, with a fresh engine."""
+    import logging
+    import os
+
+    logging.getLogger(__name__).error(message)
+    print(message, flush=True)
+    os._exit(1)
 
 
 def hf_state_dict_from_module_state(module_state: dict) -> dict[str, torch.Tensor]:

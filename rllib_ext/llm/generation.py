@@ -8,8 +8,10 @@ fallback for machines without vLLM and the reference the tests compare vLLM agai
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -185,11 +187,39 @@ class VLLMBackend:
                                 top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                                 min_tokens=sampling.min_tokens, logprobs=0, flat_logprobs=True,
                                 detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                    use_tqdm=False)
+        with self._engine_death_watch():
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                        use_tqdm=False)
         return [[Completion(list(sample.token_ids), sampled_token_logprobs(sample.logprobs),
                             "length" if sample.finish_reason == "length" else "stop")
                  for sample in output.outputs] for output in outputs]
+
+    @contextlib.contextmanager
+    def _engine_death_watch(self, poll_s: float = 0.5):
+        """vLLM's client notices a dead engine-core process (and marks itself dead) but a
+        request already waiting for output blocks forever; wake it with EngineDeadError."""
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue",
+                                                                          None)
+        if resources is None or outputs is None:  # in-process engine: nothing to watch
+            yield
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(poll_s):
+                if resources.engine_dead:
+                    outputs.put(EngineDeadError())
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True, name="engine-death-watch")
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
 
     def load_weights(self, state_dict):
         payload = state_dict

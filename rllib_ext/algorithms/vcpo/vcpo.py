@@ -33,6 +33,7 @@ from rllib_ext.algorithms.vcpo.staleness import StalenessController
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
+from rllib_ext.utils.operation_watch import OperationWatch
 
 CORRECTIONS = ("seq_tis", "none", "token_tis", "masked_is", "geo_mask")
 BASELINES = ("opob", "grpo")
@@ -79,6 +80,7 @@ class VCPOConfig(LLMRolloutConfig):
         self.updates_per_iteration = 1
         self.accuracy_eval_interval = 0
         self.sample_timeout_s = 600.0
+        self.weight_sync_timeout_s = 300.0
         # One remote vLLM runner and a local learner fit two CPU cores.
         self.num_env_runners = 1
         self.num_learners = 0
@@ -87,6 +89,9 @@ class VCPOConfig(LLMRolloutConfig):
         self.max_requests_in_flight_per_env_runner = 2
         self.restart_failed_env_runners = True
         self.add_default_connectors_to_learner_pipeline = False
+        # LLM runners hold no connector states; RLlib's per-iteration state sync would also
+        # wait (up to 10 s) behind every in-flight generation, as IMPALA avoids too.
+        self._dont_auto_sync_env_runner_states = True
         self.min_sample_timesteps_per_iteration = 0
         self.min_train_timesteps_per_iteration = 0
 
@@ -96,7 +101,8 @@ class VCPOConfig(LLMRolloutConfig):
                  ess_reference_ratio=NotProvided, ess_lr_floor=NotProvided,
                  baseline=NotProvided, opob_grad_norms=NotProvided, weight_decay=NotProvided,
                  updates_per_iteration=NotProvided, accuracy_eval_interval=NotProvided,
-                 sample_timeout_s=NotProvided, **kwargs) -> VCPOConfig:
+                 sample_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided,
+                 **kwargs) -> VCPOConfig:
         """VCPO settings (plus all of ``AlgorithmConfig.training``).
 
         Args:
@@ -114,7 +120,10 @@ class VCPOConfig(LLMRolloutConfig):
             weight_decay: AdamW weight decay (default 0.1).
             updates_per_iteration: learner updates per RLlib iteration (progress line).
             accuracy_eval_interval: evaluate held-out accuracy every N iterations (0 = never).
-            sample_timeout_s: longest wait for an env runner's sample before a clear error.
+            sample_timeout_s: longest an env runner's sample() (or evaluation) may run before
+                the run stops with an error naming the runner (default 600).
+            weight_sync_timeout_s: the same for loading new weights into a runner's engine
+                (default 300).
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -205,6 +214,8 @@ class VCPO(Algorithm):
         self._weights_ref = None
         self._weights_ref_version = -1
         self._runner_states: dict[int, dict] = {}
+        self._watch = OperationWatch({"sample": self.config.sample_timeout_s,
+                                      "set_state": self.config.weight_sync_timeout_s})
 
     def _new_staleness_controller(self, learner_version: int = 0) -> StalenessController:
         return StalenessController(
@@ -264,32 +275,46 @@ class VCPO(Algorithm):
         return batch
 
     def _wait_for_admissible_batch(self):
-        waited_since = time.perf_counter()
+        runners_down_since = None
         while True:
             self._collect()
             self._launch()
             batch = self._staleness.next_batch()
             if batch is not None:
                 return batch
-            if time.perf_counter() - waited_since > self.config.sample_timeout_s:
+            overdue = self._watch.overdue()
+            if overdue:  # answered but not fetched yet? look once more, then fail
+                self._collect(wait_s=1.0)
+                overdue = self._watch.overdue()
+            if overdue:
                 raise TimeoutError(
-                    f"VCPO waited {self.config.sample_timeout_s:.0f} s for samples from env "
-                    f"runners {sorted(self._staleness.in_flight)} (in flight) without getting "
-                    "an admissible train batch. Fix: check the env runners' logs, or raise "
-                    "sample_timeout_s for very long generations.")
-            if not self._staleness.in_flight and not self.env_runner_group.healthy_env_runner_ids():
-                # All runners are down: let RLlib's fault tolerance bring them back.
-                for restored in self.restore_env_runners(self.env_runner_group) or []:
-                    self._sent_version[restored] = -1
-                time.sleep(0.5)
+                    f"{overdue}. Fix: look at that env runner's log (the trial's stdout) for "
+                    "what it is stuck on; raise sample_timeout_s / weight_sync_timeout_s if "
+                    "generations or weight loads are legitimately that slow.")
+            if self._staleness.in_flight or self.env_runner_group.healthy_env_runner_ids():
+                runners_down_since = None
+                continue
+            # Every runner is down: RLlib's fault tolerance brings them back.
+            runners_down_since = runners_down_since or time.monotonic()
+            if time.monotonic() - runners_down_since > self.config.sample_timeout_s:
+                raise TimeoutError(
+                    f"no env runner has been healthy for {self.config.sample_timeout_s:.0f} s "
+                    "(RLlib could not restart them). Fix: look at the env runners' errors in "
+                    "the trial's log.")
+            self.restore_env_runners(self.env_runner_group)
+            time.sleep(0.5)
 
     def _collect(self, wait_s: float = 0.05) -> None:
         """Fetch finished samples (waiting up to ``wait_s``) into the staleness buffer."""
         group = self.env_runner_group
-        group.fetch_ready_async_reqs(tags="set_state", timeout_seconds=0.0)
+        syncs = group.fetch_ready_async_reqs(tags="set_state",
+                                             timeout_seconds=0.0 if wait_s < 1 else wait_s)
+        for runner_id, _ in syncs:
+            self._watch.answered(runner_id, "set_state")
         results = group.fetch_ready_async_reqs(tags="sample", timeout_seconds=wait_s)
         metrics = []
         for runner_id, (episodes_ref, state, runner_metrics) in results:
+            self._watch.answered(runner_id, "sample")
             episodes = ray.get(episodes_ref)
             # Data position as of this finished sample (what a restore resumes from).
             self._runner_states[runner_id] = {k: state[k] for k in RESUMABLE_RUNNER_STATE
@@ -303,6 +328,7 @@ class VCPO(Algorithm):
         for runner_id in list(self._staleness.in_flight):
             if runner_id not in healthy:
                 self._staleness.lost(runner_id)
+                self._watch.forget(runner_id)
 
     def _launch(self) -> None:
         """Start a sample on every idle runner the staleness bound admits, with current weights."""
@@ -318,6 +344,7 @@ class VCPO(Algorithm):
                         remote_worker_ids=[runner_id]):
                     break
                 self._staleness.launched(runner_id, self.config.sample_size, version)
+                self._watch.sent(runner_id, "sample", f"sample() with policy version {version}")
 
     # ------------------------------------------------------------------ weights
 
@@ -344,6 +371,7 @@ class VCPO(Algorithm):
                     "set_state", tag="set_state", kwargs={"state": ref},
                     remote_worker_ids=[runner_id]):
                 self._sent_version[runner_id] = version
+                self._watch.sent(runner_id, "set_state", f"weight sync to version {version}")
 
     @staticmethod
     def _version_of(episodes) -> int:
@@ -356,9 +384,15 @@ class VCPO(Algorithm):
         runner_ids = self.env_runner_group.healthy_env_runner_ids()
         if runner_ids:
             self._push_weights(runner_ids[:1])
-            [result] = self.env_runner_group.foreach_env_runner(
+            results = self.env_runner_group.foreach_env_runner(
                 lambda runner: runner.evaluate(), remote_worker_ids=runner_ids[:1],
                 local_env_runner=False, timeout_seconds=self.config.sample_timeout_s)
+            if not results:
+                raise TimeoutError(
+                    f"env runner {runner_ids[0]}: evaluate() has not returned after "
+                    f"{self.config.sample_timeout_s:.0f} s (limit sample_timeout_s). Fix: look "
+                    "at that env runner's log; lower eval_num_problems or raise the limit.")
+            [result] = results
         else:
             result = self.env_runner.evaluate()
         result["policy_version"] = self._staleness.learner_version
@@ -405,10 +439,23 @@ class VCPO(Algorithm):
 
     # ------------------------------------------------------------------ fault tolerance
 
+    def cleanup(self) -> None:
+        # RLlib's stop calls every env runner without a time limit: a runner still busy (or
+        # stuck) would hold it. Busy runners are killed instead; their engines exit with them.
+        manager = self.env_runner_group._worker_manager
+        for runner_id in self._watch.busy_actor_ids():
+            if runner_id in manager.actor_ids():
+                ray.kill(manager.remove_actor(runner_id), no_restart=True)
+        super().cleanup()
+
     def restore_env_runners(self, env_runner_group):
         restored = super().restore_env_runners(env_runner_group)
         for runner_id in restored or []:
             # A restarted runner lost its request and holds its initial weights.
             self._staleness.lost(runner_id)
+            self._watch.forget(runner_id)
             self._sent_version[runner_id] = -1
+        if restored:
+            self.metrics.log_value((VCPO_RESULTS, "num_env_runner_restarts"), len(restored),
+                                   reduce="lifetime_sum")
         return restored
