@@ -11,9 +11,11 @@ Three workloads:
   end-of-sequence token, at most 128 tokens: RL's long-tailed lengths, where a padded batch
   keeps computing finished sequences until the longest ends.
 
-Each backend runs in its own child process (vLLM's in-process CPU engine pins its process's
-OpenMP threads, which would distort the other backend's timing); the two children run one after
-the other in one invocation. Tokens/s are generated tokens over wall time, median of rounds.
+vLLM runs in both layouts: its engine inside the env runner's process (the default on CPU) and
+in processes of its own (vLLM's default, the default on GPUs). Each variant runs in its own
+child process (vLLM's in-process CPU engine pins its process's OpenMP threads, which would
+distort the others); the children run one after the other in one invocation. Tokens/s are
+generated tokens over wall time, median of rounds.
 
     .venv/bin/python bench/rollout_throughput.py [--quick]
 """
@@ -28,12 +30,14 @@ import time
 from common import RESULTS, markdown_table, write_results
 
 NAME = "rollout_throughput"
-BACKENDS = ("vllm", "transformers")
+# name -> (generation_backend, engine_in_process)
+BACKENDS = {"vllm": ("vllm", True), "vllm separate": ("vllm", False),
+            "transformers": ("transformers", "auto")}
 WORKLOADS = ("training", "fixed", "variable")
 
 
-def measure(kind: str, rounds: int, sync_repeats: int, queue) -> None:
-    """Child process: time one backend on both workloads (and weight syncs for vLLM)."""
+def measure(kind: str, in_process, rounds: int, sync_repeats: int, queue) -> None:
+    """Child process: time one backend on all workloads (and weight syncs for vLLM)."""
     import numpy as np
     import torch
 
@@ -44,8 +48,9 @@ def measure(kind: str, rounds: int, sync_repeats: int, queue) -> None:
 
     config = (VCPOConfig()
               .environment("MathEnv", env_config={"dataset": TINY_ARITHMETIC_DATASET})
-              .llm_rollouts(generation_backend=kind, prompts_per_sample=16, num_generations=8,
-                            max_prompt_tokens=16, max_response_tokens=32)
+              .llm_rollouts(generation_backend=kind, engine_in_process=in_process,
+                            prompts_per_sample=16, num_generations=8, max_prompt_tokens=16,
+                            max_response_tokens=32)
               .debugging(seed=0))
     started = time.perf_counter()
     runner = LLMEnvRunner(config=config, worker_index=0, num_workers=0)
@@ -102,14 +107,15 @@ def measure(kind: str, rounds: int, sync_repeats: int, queue) -> None:
     queue.put(result)
 
 
-def run_child(kind: str, rounds: int, sync_repeats: int) -> dict:
+def run_child(name: str, rounds: int, sync_repeats: int) -> dict:
+    kind, in_process = BACKENDS[name]
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=measure, args=(kind, rounds, sync_repeats, queue))
+    child = context.Process(target=measure, args=(kind, in_process, rounds, sync_repeats, queue))
     child.start()
     result = queue.get(timeout=900)
     child.join(timeout=60)
-    print(f"{kind}: {result}", flush=True)
+    print(f"{name}: {result}", flush=True)
     return result
 
 
@@ -121,11 +127,11 @@ def plot(results: dict) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     workloads = WORKLOADS
-    width = 0.38
-    for i, kind in enumerate(BACKENDS):
-        values = [results[kind][f"{w}_tokens_per_s"] for w in workloads]
-        axis.bar([x + (i - 0.5) * width for x in range(len(workloads))], values, width,
-                 label=kind)
+    width = 0.27
+    for i, name in enumerate(BACKENDS):
+        values = [results[name][f"{w}_tokens_per_s"] for w in workloads]
+        axis.bar([x + (i - 1) * width for x in range(len(workloads))], values, width,
+                 label=name)
     axis.set_xticks(range(len(workloads)), [f"{w} workload" for w in workloads])
     axis.set_ylabel("generated tokens / s")
     axis.set_title("Rollout throughput, tiny model, 2 CPU cores")
@@ -140,18 +146,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer rounds and syncs (same code path)")
     args = parser.parse_args(argv)
     rounds, sync_repeats = (3, 5) if args.quick else (10, 20)
-    results = {kind: run_child(kind, rounds, sync_repeats) for kind in BACKENDS}
-    vllm, hf = results["vllm"], results["transformers"]
+    results = {name: run_child(name, rounds, sync_repeats) for name in BACKENDS}
+    vllm, separate, hf = results["vllm"], results["vllm separate"], results["transformers"]
     flat = {
         "vllm_training_tokens_per_s": round(vllm["training_tokens_per_s"], 1),
         "transformers_training_tokens_per_s": round(hf["training_tokens_per_s"], 1),
         "training_speedup_vllm_over_transformers": round(
             vllm["training_tokens_per_s"] / hf["training_tokens_per_s"], 2),
-        **{f"{backend}_{w}_tokens_per_s": round(results[backend][f"{w}_tokens_per_s"], 1)
-           for backend in BACKENDS for w in ("fixed", "variable")},
+        **{f"{name.replace(' ', '_')}_{w}_tokens_per_s":
+           round(results[name][f"{w}_tokens_per_s"], 1)
+           for name in BACKENDS for w in ("fixed", "variable")},
         **{f"{w}_speedup_vllm_over_transformers": round(
             vllm[f"{w}_tokens_per_s"] / hf[f"{w}_tokens_per_s"], 2)
            for w in ("fixed", "variable")},
+        **{f"{w}_speedup_vllm_separate_over_transformers": round(
+            separate[f"{w}_tokens_per_s"] / hf[f"{w}_tokens_per_s"], 2) for w in WORKLOADS},
         "variable_mean_length": round(vllm["variable_mean_length"], 1),
         "variable_max_length": vllm["variable_max_length"],
         "weight_sync_ms_median": round(vllm["weight_sync_ms_median"], 1),
@@ -161,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         "goal_speedup": 5.0,
     }
     rows = [[workload,
-             f"{vllm[f'{workload}_tokens_per_s']:,.0f}", f"{hf[f'{workload}_tokens_per_s']:,.0f}",
-             f"{vllm[f'{workload}_tokens_per_s'] / hf[f'{workload}_tokens_per_s']:.1f}x"]
+             f"{vllm[f'{workload}_tokens_per_s']:,.0f}",
+             f"{separate[f'{workload}_tokens_per_s']:,.0f}",
+             f"{hf[f'{workload}_tokens_per_s']:,.0f}",
+             f"{vllm[f'{workload}_tokens_per_s'] / hf[f'{workload}_tokens_per_s']:.1f}x",
+             f"{separate[f'{workload}_tokens_per_s'] / hf[f'{workload}_tokens_per_s']:.1f}x"]
             for workload in WORKLOADS]
-    table = markdown_table(["workload", "vLLM env runner tok/s", "transformers tok/s",
-                            "speedup (goal >= 5x)"], rows)
+    table = markdown_table(["workload", "vLLM in-process tok/s (CPU default)",
+                            "vLLM separate processes tok/s", "transformers tok/s",
+                            "speedup in-process (goal >= 5x)", "speedup separate"], rows)
     notes = [
         "training: LLMEnvRunner.sample() with the tiny recipe's settings (16 prompts x 8 "
         "responses, <= 6 tokens, temperature 1), grading included.",
@@ -176,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         f"weight sync (RLlib module state -> in-place reload in the live vLLM engine, "
         f"{vllm['num_parameters']:,} parameters): median {flat['weight_sync_ms_median']} ms, "
         f"max {flat['weight_sync_ms_max']} ms over {sync_repeats} syncs.",
-        f"vLLM engine start (engine core in its own process, CPU): "
-        f"{flat['vllm_engine_startup_s']} s.",
+        f"vLLM engine start: {flat['vllm_engine_startup_s']} s in-process, "
+        f"{separate['startup_s']:.1f} s with its own processes.",
     ]
     plot(results)
     write_results(NAME, flat, "Rollout throughput: vLLM env runner vs transformers backend",

@@ -85,6 +85,7 @@ def test_checkpoint_resumes_version_optimizer_and_data_position(ray_session, tin
     algo.train()
     algo.train()
     saved = algo.save_to_path(str(tmp_path / "ckpt"))
+    accuracy = algo.evaluate_accuracy()["accuracy"]
     state = algo.get_state()
     version = state["vcpo"]["learner_version"]
     assert version == 6
@@ -94,6 +95,8 @@ def test_checkpoint_resumes_version_optimizer_and_data_position(ray_session, tin
 
     restored = Algorithm.from_checkpoint(saved)
     assert restored.iteration == 2
+    # Same weights in the engine: held-out (greedy) accuracy continues where it was.
+    assert restored.evaluate_accuracy()["accuracy"] == accuracy
     restored_state = restored.get_state()
     assert restored_state["vcpo"]["learner_version"] == version
     assert restored_state[COMPONENT_LEARNER_GROUP][COMPONENT_LEARNER][WEIGHTS_SEQ_NO] == version

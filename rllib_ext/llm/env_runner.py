@@ -84,7 +84,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 self.config.generation_backend, self.model_path,
                 seed=int(self.config.seed or 0) + (self.worker_index or 0),
                 max_model_len=self.config.max_prompt_tokens + self.config.max_response_tokens,
-                engine_kwargs=self.config.engine_kwargs)
+                engine_kwargs=self.config.engine_kwargs,
+                engine_in_process=self.config.engine_in_process)
             self.engine_startup_s = getattr(self.backend, "startup_seconds", 0.0)
 
     # ------------------------------------------------------------------ set-up

