@@ -31,7 +31,7 @@ import torch
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tmf_common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg, network_policy  # noqa: E402

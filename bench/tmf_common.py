@@ -1,40 +1,10 @@
-"""Shared pieces of the TMF benches: result files, machine line, TMF-PG training loop."""
+"""Shared pieces of the TMF benches: Ray start-up, the TMF-PG training loop, exact metrics
+(result files and the machine line come from common.py)."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import time
-from pathlib import Path
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    import numpy
-    import torch
-
-    return (f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-            f"Python {platform.python_version()}, numpy {numpy.__version__}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
-
-
-def write_results(name: str, flat: dict, title: str, table: str, notes: list[str],
-                  quick: bool) -> None:
-    """Write ``results/<name>.json`` (flat headline dict) and ``results/<name>.md``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    flat = {"machine": machine(), "date": datetime.date.today().isoformat(), "quick": quick,
-            **flat}
-    (RESULTS / f"{name}.json").write_text(json.dumps(flat, indent=1) + "\n")
-    lines = [f"# {title}", "",
-             f"{flat['date']}, {flat['machine']}{', --quick' if quick else ''}.", "",
-             table, ""]
-    lines += [f"- {note}" for note in notes]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {RESULTS / name}.{{json,md,png}}")
 
 
 def init_ray() -> None:

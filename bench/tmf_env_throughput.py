@@ -29,7 +29,7 @@ import numpy as np
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tmf_common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from envs.mean_field.env import agent_index  # noqa: E402

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tmf_common import RESULTS, init_ray, train, write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
+from tmf_common import init_ray, train  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from rllib_ext.algorithms.tmf_pg import TMFPGConfig  # noqa: E402

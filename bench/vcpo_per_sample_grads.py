@@ -21,16 +21,13 @@ also checks that the norms of each route equal the loop's.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from common import RESULTS, markdown_table, write_results
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rllib_ext.algorithms.vcpo import losses
@@ -41,7 +38,6 @@ from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
 from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
 from rllib_ext.llm.tiny import TinyModelSpec
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "vcpo_per_sample_grads"
 ROUTES = ("auto", "materialize", "chunked", "ghost")
 
@@ -156,42 +152,30 @@ def run_case(case: Case, rounds: int, loop_rounds: int) -> dict:
     return row
 
 
-def write_results(rows: list[dict], quick: bool) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
-               f"load average at the end: {os.getloadavg()[0]:.1f}")
-    flat: dict[str, float | str] = {"machine": machine, "quick": quick,
-                                    "date": datetime.date.today().isoformat()}
+def write_results_and_plot(rows: list[dict], quick: bool) -> None:
+    flat: dict[str, float | str] = {"torch_threads": torch.get_num_threads(),
+                                    "load_average_at_end": round(os.getloadavg()[0], 1)}
     for row in rows:
         for route in (*ROUTES, "loop"):
             flat[f"{row['case']}_{route}_overhead_pct"] = round(
                 100 * (row[f"{route}_ratio_min"] - 1), 1)
         flat[f"{row['case']}_plain_ms"] = round(row["plain_ms"], 2)
         flat[f"{row['case']}_max_rel_norm_error"] = row["max_rel_norm_error"]
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(flat, indent=1) + "\n")
-
-    lines = [
-        "# Exact per-trajectory gradient norms: cost vs plain GRPO forward + backward", "",
-        f"{datetime.date.today().isoformat()}, {machine}{', --quick' if quick else ''}. "
-        "CPU time (process_time). Overhead = (min time of the method) / (min time of plain) - 1; "
-        "in brackets the "
-        "median of per-round ratios. `loop` = the reference's route (one backward per "
-        "trajectory).", "",
-        "| case | params | rows x mean tokens | plain ms | " + " | ".join(
-            f"{r} overhead" for r in (*ROUTES, "loop")) + " | max rel. norm error |",
-        "|---" * (6 + len(ROUTES)) + "|",
-    ]
-    for row in rows:
-        cells = [f"{100 * (row[f'{r}_ratio_min'] - 1):+.0f}% "
-                 f"({100 * (row[f'{r}_ratio_median'] - 1):+.0f}%)" for r in (*ROUTES, "loop")]
-        lines.append(
-            f"| {row['case']} | {row['params'] / 1e6:.2f}M | {row['batch']} x "
-            f"{row['tokens_per_row_mean']:.0f} | {row['plain_ms']:.1f} | " + " | ".join(cells)
-            + f" | {row['max_rel_norm_error']:.1e} |")
-    lines += ["", *[f"- {row['case']}: {row['description']}; auto used "
-                   f"{', '.join(row['plan_auto'])}." for row in rows], ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    table = markdown_table(
+        ["case", "params", "rows x mean tokens", "plain ms",
+         *[f"{r} overhead" for r in (*ROUTES, "loop")], "max rel. norm error"],
+        [[row["case"], f"{row['params'] / 1e6:.2f}M",
+          f"{row['batch']} x {row['tokens_per_row_mean']:.0f}", f"{row['plain_ms']:.1f}",
+          *[f"{100 * (row[f'{r}_ratio_min'] - 1):+.0f}% "
+            f"({100 * (row[f'{r}_ratio_median'] - 1):+.0f}%)" for r in (*ROUTES, "loop")],
+          f"{row['max_rel_norm_error']:.1e}"] for row in rows])
+    notes = ["CPU time (process_time). Overhead = (min time of the method) / (min time of "
+             "plain) - 1; in brackets the median of per-round ratios. `loop` = the reference's "
+             "route (one backward per trajectory).",
+             *[f"{row['case']}: {row['description']}; auto used "
+               f"{', '.join(row['plan_auto'])}." for row in rows]]
+    write_results(NAME, flat, "Exact per-trajectory gradient norms: cost vs plain GRPO "
+                  "forward + backward", table, notes, quick)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -228,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['case']:18s} plain {row['plain_ms']:8.1f} ms  " + "  ".join(
             f"{r} {100 * (row[f'{r}_ratio_min'] - 1):+5.0f}%" for r in (*ROUTES, "loop"))
             + f"  norm err {row['max_rel_norm_error']:.1e}", flush=True)
-    write_results(rows, args.quick)
-    print(f"wrote {RESULTS / NAME}.{{json,md,png}}")
+    write_results_and_plot(rows, args.quick)
     return 0
 
 

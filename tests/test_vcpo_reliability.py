@@ -85,8 +85,45 @@ def train_until(algo, accept, iterations=3):
     return results
 
 
+class HoldsForcedWeightsRunner(LLMEnvRunner):
+    """Generates its next sample with forced weights: newer weights, which the algorithm sends
+    with the next request, wait until that sample is done. (Without the hold, forced weights
+    would be replaced before any request used them.)"""
+
+    held = False
+    pending = None
+
+    def set_state(self, state):
+        if state.get(FORCE_WEIGHTS):
+            self.held = True
+        elif self.held and COMPONENT_RL_MODULE in state:
+            # The forced weights stand in for the version sent, as the algorithm expects.
+            self.pending = {**state, FORCE_WEIGHTS: True}
+            self._weights_seq_no = max(self._weights_seq_no, int(state[WEIGHTS_SEQ_NO]))
+            return
+        super().set_state(state)
+
+    def sample(self, **kwargs):
+        episodes = super().sample(**kwargs)
+        if self.held:
+            self.held = False
+            if self.pending is not None:
+                super().set_state(self.pending)
+                self.pending = None
+        return episodes
+
+
+class StampsInitialVersionRunner(LLMEnvRunner):
+    """A buggy runner: stamps every sample with policy version 0."""
+
+    def sample(self, **kwargs):
+        self._weights_seq_no = 0
+        return super().sample(**kwargs)
+
+
 def force_engine_weights(algo, module_state) -> None:
-    """Load weights into the runner's engine, stamped with the learner's current version."""
+    """Load weights into the runner's engine for its next sample, stamped with the learner's
+    current version (the runner must be a ``HoldsForcedWeightsRunner``)."""
     version = algo.get_state()["vcpo"]["learner_version"]
     state = {COMPONENT_RL_MODULE: module_state, WEIGHTS_SEQ_NO: version, FORCE_WEIGHTS: True}
     runner_call(algo, lambda runner, s=state: runner.set_state(s))
@@ -94,7 +131,7 @@ def force_engine_weights(algo, module_state) -> None:
 
 @pytest.fixture(scope="module")
 def algo(ray_session, tiny_model_path):
-    algorithm = build(config())
+    algorithm = build(config().env_runners(env_runner_cls=HoldsForcedWeightsRunner))
     algorithm.train()
     yield algorithm
     algorithm.stop()
@@ -116,18 +153,24 @@ def test_killed_env_runner_is_restarted_and_no_step_is_lost(algo):
     assert runner_call(algo, lambda runner: os.getpid()) != pid
 
 
-def test_killed_engine_process_restarts_the_runner(algo):
-    before = algo.train()
-    restarts = before["vcpo"].get("num_env_runner_restarts", 0)
-    pid = runner_call(algo, lambda runner: os.getpid())
-    engines = [p for p in psutil.Process(pid).children(recursive=True)
-               if "python" in p.name().lower() or "VLLM" in " ".join(p.cmdline())]
-    assert engines, "the runner's vLLM engine core process was not found"
-    for engine in engines:
-        engine.kill()
-    results = [algo.train() for _ in range(2)]
-    assert results[-1]["vcpo"]["policy_version"] == before["vcpo"]["policy_version"] + 4
-    assert results[-1]["vcpo"]["num_env_runner_restarts"] >= restarts + 1
+def test_killed_engine_process_restarts_the_runner(ray_session, tiny_model_path):
+    # vLLM's own layout: the engine core in a child process of the runner (the GPU default;
+    # on CPU the engine lives in the runner's process and dies with it, the test above).
+    algorithm = build(config().llm_rollouts(engine_in_process=False))
+    try:
+        before = algorithm.train()
+        pid = runner_call(algorithm, lambda runner: os.getpid())
+        engines = [p for p in psutil.Process(pid).children(recursive=True)
+                   if "python" in p.name().lower() or "VLLM" in " ".join(p.cmdline())]
+        assert engines, "the runner's vLLM engine core process was not found"
+        for engine in engines:
+            engine.kill()
+        results = [algorithm.train() for _ in range(2)]
+        assert results[-1]["vcpo"]["policy_version"] == before["vcpo"]["policy_version"] + 4
+        assert results[-1]["vcpo"]["num_env_runner_restarts"] >= 1
+        assert runner_call(algorithm, lambda runner: os.getpid()) != pid
+    finally:
+        algorithm.stop()
 
 
 # ------------------------------------------------------------------ bad samples
@@ -253,6 +296,19 @@ def test_a_stalled_env_runner_ends_the_run_with_a_clear_error(ray_session, tiny_
         assert "env runner 1" in message and expected in message, message
         assert "has not returned after" in message and "limit 8 s" in message
         assert time.monotonic() - started < 120
+    finally:
+        algorithm.stop()
+
+
+def test_samples_stamped_too_old_end_the_run_with_a_clear_error(ray_session, tiny_model_path):
+    algorithm = build(config(max_staleness=1, updates_per_iteration=1).env_runners(
+        env_runner_cls=StampsInitialVersionRunner))
+    try:
+        with pytest.raises(RuntimeError, match="cannot form a train batch") as error:
+            for _ in range(5):
+                algorithm.train()
+        assert "within max_staleness=1" in str(error.value)
+        assert "Fix: a custom env runner must stamp WEIGHTS_SEQ_NO" in str(error.value)
     finally:
         algorithm.stop()
 

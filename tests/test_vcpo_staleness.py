@@ -100,6 +100,14 @@ def test_learner_waits_for_a_late_sample_instead_of_dropping_it():
     assert controller.trained(batch) == [1]
 
 
+def test_a_sample_stamped_too_old_is_never_trained():
+    controller = StalenessController(max_staleness=1, train_batch_size=4, learner_version=5)
+    controller.launched(0, 4, 5)
+    controller.arrived(0, 3, 4)  # stamped v3 although sent v5: staleness 2 > k
+    assert controller.next_batch() is None
+    assert not controller.in_flight  # nothing to wait for: the algorithm raises
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_staleness must be >= 0"):
         StalenessController(-1, 8)

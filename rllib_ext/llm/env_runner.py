@@ -19,6 +19,7 @@ With remote runners, the local runner (index 0) starts no engine: it only answer
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Collection
@@ -127,6 +128,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def get_spaces(self):
         return self._spaces
 
+    @contextlib.contextmanager
+    def _exit_if_engine_dies(self):
+        """A dead engine never answers again: exit, so that RLlib restarts this runner."""
+        try:
+            yield
+        except Exception as error:
+            if is_engine_dead(error):
+                exit_for_restart(f"LLMEnvRunner {self.worker_index}: its vLLM engine died "
+                                 f"({error!r}); exiting so that RLlib restarts this runner.")
+            raise
+
     # ------------------------------------------------------------------ sampling
 
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True,
@@ -147,13 +159,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         version = self._weights_seq_no
 
         started = time.perf_counter()
-        try:
+        with self._exit_if_engine_dies():
             groups = self.backend.generate(prompts, sampling)
-        except Exception as error:
-            if is_engine_dead(error):
-                exit_for_restart(f"LLMEnvRunner {self.worker_index}: its vLLM engine died "
-                                 f"({error!r}); exiting so that RLlib restarts this runner.")
-            raise
         generation_s = time.perf_counter() - started
 
         completions = [c for group in groups for c in group]
@@ -235,13 +242,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             raise RuntimeError("evaluate() needs a runner with an engine.")
         if not hasattr(self, "_eval_env"):
             self._eval_env = self.make_env(split=split or self.config.eval_split, shuffle=False)
-        return evaluate_accuracy(
-            self.backend, self._eval_env,
-            num_problems=num_problems if num_problems is not None
-            else self.config.eval_num_problems,
-            temperature=self.config.eval_temperature if temperature is None else temperature,
-            top_p=self.config.eval_top_p,
-            max_tokens=self.config.max_response_tokens)
+        with self._exit_if_engine_dies():
+            return evaluate_accuracy(
+                self.backend, self._eval_env,
+                num_problems=num_problems if num_problems is not None
+                else self.config.eval_num_problems,
+                temperature=self.config.eval_temperature if temperature is None else temperature,
+                top_p=self.config.eval_top_p,
+                max_tokens=self.config.max_response_tokens)
 
     # ------------------------------------------------------------------ weights and state
 
@@ -262,7 +270,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 if DEFAULT_MODULE_ID in module_state:
                     module_state = module_state[DEFAULT_MODULE_ID]
                 started = time.perf_counter()
-                self.backend.load_weights(hf_state_dict_from_module_state(module_state))
+                with self._exit_if_engine_dies():
+                    self.backend.load_weights(hf_state_dict_from_module_state(module_state))
                 self.metrics.log_value("weight_sync_time_s", time.perf_counter() - started,
                                        reduce="mean")
                 self.metrics.log_value("num_weight_syncs", 1, reduce="lifetime_sum")

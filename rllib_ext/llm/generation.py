@@ -200,8 +200,9 @@ class VLLMBackend:
 
     @contextlib.contextmanager
     def _engine_death_watch(self, poll_s: float = 0.5):
-        """vLLM's client notices a dead engine-core process (and marks itself dead) but a
-        request already waiting for output blocks forever; wake it with EngineDeadError."""
+        """vLLM's client notices a dead engine-core process (and marks itself dead) but a call
+        already waiting for the engine's answer (a generation or a utility call such as a
+        weight load) blocks forever; wake it with EngineDeadError."""
         client = getattr(self.llm.llm_engine, "engine_core", None)
         resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue",
                                                                           None)
@@ -216,6 +217,9 @@ class VLLMBackend:
             while not done.wait(poll_s):
                 if resources.engine_dead:
                     outputs.put(EngineDeadError())
+                    for future in list(client.utility_results.values()):
+                        if not future.done():
+                            future.set_exception(EngineDeadError())
                     return
 
         watcher = threading.Thread(target=watch, daemon=True, name="engine-death-watch")
@@ -231,9 +235,10 @@ class VLLMBackend:
             buffer = io.BytesIO()
             torch.save(state_dict, buffer)
             payload = buffer.getvalue()
-        self.llm.collective_rpc("rllib_ext_load_weights", args=(payload,))
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
+        with self._engine_death_watch():
+            self.llm.collective_rpc("rllib_ext_load_weights", args=(payload,))
+            # Cached prefixes were computed with the old weights.
+            self.llm.reset_prefix_cache()
 
     def close(self):
         if self.llm is not None:

@@ -119,7 +119,8 @@ class StalenessController:
         self.in_flight.pop(runner_id, None)
 
     def next_batch(self) -> list[Sample] | None:
-        """Rule 2: the oldest samples forming one train batch, or None (wait for more)."""
+        """Rule 2: the oldest samples forming one train batch, or None (wait for more, or, with
+        nothing in flight, never: a buffered sample is already more than k versions stale)."""
         if sum(s.size for s in self.buffer) < self.train_batch_size:
             return None
         ordered = sorted(self.buffer, key=lambda s: (s.version, s.arrival))
@@ -133,6 +134,10 @@ class StalenessController:
             raise ValueError(f"samples of {[s.size for s in ordered]} trajectories cannot form "
                              f"a train batch of exactly {self.train_batch_size}. Fix: make the "
                              "train batch a multiple of prompts_per_sample x num_generations.")
+        if any(self.learner_version - s.version > self.max_staleness for s in batch):
+            # Only if a runner stamped a version older than it was sent: never trainable; the
+            # caller sees None with nothing in flight and reports it.
+            return None
         remaining = [(s.version, s.size) for s in ordered[len(batch):]] + \
             self._in_flight_requests()
         if not schedule_is_feasible(remaining, self.learner_version + 1, self.max_staleness,

@@ -292,9 +292,20 @@ class VCPO(Algorithm):
                     f"{overdue}. Fix: look at that env runner's log (the trial's stdout) for "
                     "what it is stuck on; raise sample_timeout_s / weight_sync_timeout_s if "
                     "generations or weight loads are legitimately that slow.")
-            if self._staleness.in_flight or self.env_runner_group.healthy_env_runner_ids():
+            if self._staleness.in_flight or self._watch.busy_actor_ids():
                 runners_down_since = None
                 continue
+            if self.env_runner_group.healthy_env_runner_ids():
+                # Nothing is running and nothing can start: waiting cannot help.
+                buffered = sorted((s.version, s.size) for s in self._staleness.buffer)
+                raise RuntimeError(
+                    "VCPO cannot form a train batch: no request in flight, none admitted, and "
+                    f"the buffered samples ((version, size): {buffered}) cannot be trained at "
+                    f"learner version {self._staleness.learner_version} within max_staleness="
+                    f"{self.config.max_staleness}. An env runner stamped its samples with a "
+                    "policy version older than the weights it was sent. Fix: a custom env "
+                    "runner must stamp WEIGHTS_SEQ_NO with the version of the weights it "
+                    "generated with, as loaded by its set_state().")
             # Every runner is down: RLlib's fault tolerance brings them back.
             runners_down_since = runners_down_since or time.monotonic()
             if time.monotonic() - runners_down_since > self.config.sample_timeout_s:
