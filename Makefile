@@ -41,6 +41,12 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest -m "not slow" tests
 
+# Every benchmark with --quick (same code, small sizes; rewrites bench/results/ with quick
+# figures, marked "quick": true).
+BENCHES := $(filter-out %common.py,$(wildcard bench/*.py))
+bench-quick: venv
+	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python $$bench --quick || exit 1; done
+
 lint: venv
 	$(BIN)/ruff check rllib_ext envs tests bench
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "runner_rss_mb_final": round(runner[1]),
             "runner_rss_growth": round(runner[2], 4),
             "goal_max_growth": 0.10,
-            "final_heldout_accuracy": heldout[-1] if heldout else None}
+            "final_heldout_accuracy": round(heldout[-1], 4) if heldout else None}
     table = markdown_table(
         ["process", "RSS after warm-up (MiB)", "RSS at the end (MiB)", "growth (goal <= 10%)"],
         [["learner (driver)", f"{learner[0]:.0f}", f"{learner[1]:.0f}", f"{learner[2]:+.1%}"],
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"{flat['iterations']} iterations (10 learner updates each) in "
              f"{flat['duration_s'] / 60:.1f} minutes; failed iterations: "
              f"{flat['failed_iterations']}; final held-out accuracy "
-             f"{flat['final_heldout_accuracy']}.",
+             f"{flat['final_heldout_accuracy'] or float('nan'):.1%}.",
              "RSS of the env runner includes its child processes (answer checking).",
              *[f"failure: {f.splitlines()[-1]}" for f in failures[:3]]]
     plot(rows)

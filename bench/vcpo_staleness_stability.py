@@ -27,13 +27,15 @@ NAME = "vcpo_staleness_stability"
 
 
 def run(runner, method: str, k: int, updates: int, eval_every: int,
-        eval_problems: int | None) -> dict:
-    """One training run on the shared engine: same prompts, same initial weights."""
+        eval_problems: int | None, seed: int) -> dict:
+    """One training run on the shared engine: same prompts, same initial weights; ``seed``
+    sets the sampling randomness (building the learner seeds torch, which the in-process
+    engine samples with)."""
     from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 
     from rllib_ext.llm.env_runner import FORCE_WEIGHTS
 
-    learner = local_learner(tiny_config(max_staleness=k, **METHODS[method]), runner)
+    learner = local_learner(tiny_config(max_staleness=k, seed=seed, **METHODS[method]), runner)
     rewind(runner)
     snapshots = {0: learner_weights(learner)}
     curve = {"step": [], "reward": [], "ess_ratio": [], "grad_norm": [], "is_weight_max": [],
@@ -66,22 +68,28 @@ def run(runner, method: str, k: int, updates: int, eval_every: int,
     return curve
 
 
+def mean_curve(curves: list[dict], key: str) -> list[float]:
+    return [statistics.mean(values) for values in zip(*(c[key] for c in curves))]
+
+
 def plot(runs: dict) -> None:
+    """Curves averaged over the repeats of each (method, k)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (method, k), curve in runs.items():
+    for (method, k), curves in runs.items():
         label = f"{method} (k={k})"
         style = "-" if method in ("VCPO", "sync GRPO") else "--"
-        axes[0].plot(curve["eval_step"], curve["accuracy"], style, label=label)
-        axes[1].plot(curve["step"], curve["ess_ratio"], style, label=label)
-        axes[2].plot(curve["step"], curve["grad_norm"], style, label=label)
+        axes[0].plot(curves[0]["eval_step"], mean_curve(curves, "accuracy"), style, label=label)
+        axes[1].plot(curves[0]["step"], mean_curve(curves, "ess_ratio"), style, label=label)
+        axes[2].plot(curves[0]["step"], mean_curve(curves, "grad_norm"), style, label=label)
+    repeats = len(next(iter(runs.values())))
     for axis, title in zip(axes, ("held-out greedy accuracy", "ESS ratio (unclipped)",
                                   "global grad norm (pre-clip)")):
-        axis.set_title(title)
+        axis.set_title(f"{title}, mean of {repeats} run(s)")
         axis.set_xlabel("learner update")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
@@ -91,7 +99,11 @@ def plot(runs: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="k in {0, 16}, 20 updates")
+    parser.add_argument("--quick", action="store_true",
+                        help="k = 16 only, 20 updates, one run per method")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per (method, k), repeat r with sampling seed r "
+                             "(default 3, --quick: 1)")
     args = parser.parse_args(argv)
     if args.quick:
         updates, eval_every, eval_problems, stale_ks = 20, 10, 100, (16,)
@@ -99,33 +111,48 @@ def main(argv: list[str] | None = None) -> int:
     else:
         updates, eval_every, eval_problems, stale_ks = 120, 15, None, (4, 16, 64)
         stale_methods = ("GRPO, no correction", "seq-TIS only", "VCPO")
+    repeats = args.repeats or (1 if args.quick else 3)
     plan = [("sync GRPO", 0)] + [(m, k) for k in stale_ks for m in stale_methods]
-    runner = local_runner(tiny_config())  # one engine for every run: weights are set per step
-    runs = {}
+    # One engine for every run (weights are set per step); repeat r samples with seed r.
+    runner = local_runner(tiny_config())
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in plan}
     try:
-        for method, k in plan:
-            print(f"== {method}, k = {k}", flush=True)
-            runs[(method, k)] = run(runner, method, k, updates, eval_every, eval_problems)
+        for repeat in range(repeats):
+            for method, k in plan:
+                print(f"== {method}, k = {k}, run {repeat + 1}/{repeats}", flush=True)
+                runs[(method, k)].append(
+                    run(runner, method, k, updates, eval_every, eval_problems, seed=repeat))
     finally:
         runner.stop()
 
-    sync = runs[("sync GRPO", 0)]["final_accuracy"]
-    flat, rows = {"updates": updates, "sync_grpo_final_accuracy": round(sync, 4)}, []
-    for (method, k), curve in runs.items():
+    def finals(key):
+        return [c["final_accuracy"] for c in runs[key]]
+
+    sync = statistics.mean(finals(("sync GRPO", 0)))
+    flat, rows = {"updates": updates, "repeats": repeats,
+                  "sync_grpo_final_accuracy": round(sync, 4)}, []
+    for (method, k), curves in runs.items():
         key = method.lower().replace(",", "").replace(" ", "_").replace("-", "_")
-        flat[f"{key}_k{k}_final_accuracy"] = round(curve["final_accuracy"], 4)
-        flat[f"{key}_k{k}_minus_sync_points"] = round(100 * (curve["final_accuracy"] - sync), 1)
-        flat[f"{key}_k{k}_min_ess_ratio"] = round(min(curve["ess_ratio"]), 4)
-        flat[f"{key}_k{k}_max_grad_norm"] = round(max(curve["grad_norm"]), 3)
-        rows.append([method, k, f"{curve['accuracy'][0]:.1%}", f"{curve['final_accuracy']:.1%}",
-                     f"{100 * (curve['final_accuracy'] - sync):+.1f}",
-                     f"{statistics.mean(curve['ess_ratio']):.2f} / {min(curve['ess_ratio']):.2f}",
-                     f"{max(curve['grad_norm']):.2f}"])
-    table = markdown_table(["method", "k", "start acc", "final acc", "vs sync (points)",
-                            "ESS mean / min", "max grad norm"], rows)
+        final = statistics.mean(finals((method, k)))
+        spread = statistics.stdev(finals((method, k))) if repeats > 1 else 0.0
+        ess = [e for c in curves for e in c["ess_ratio"]]
+        grad_norm = max(g for c in curves for g in c["grad_norm"])
+        flat[f"{key}_k{k}_final_accuracy"] = round(final, 4)
+        flat[f"{key}_k{k}_final_accuracy_std"] = round(spread, 4)
+        flat[f"{key}_k{k}_minus_sync_points"] = round(100 * (final - sync), 1)
+        flat[f"{key}_k{k}_min_ess_ratio"] = round(min(ess), 4)
+        flat[f"{key}_k{k}_max_grad_norm"] = round(grad_norm, 3)
+        rows.append([method, k, f"{curves[0]['accuracy'][0]:.1%}",
+                     f"{100 * final:.1f}% +- {100 * spread:.1f}",
+                     " / ".join(f"{100 * f:.1f}" for f in finals((method, k))),
+                     f"{100 * (final - sync):+.1f}",
+                     f"{statistics.mean(ess):.2f} / {min(ess):.2f}", f"{grad_norm:.2f}"])
+    table = markdown_table(["method", "k", "start acc", "final acc (mean +- std)",
+                            "each run", "vs sync (points)", "ESS mean / min",
+                            "max grad norm"], rows)
     notes = [f"{updates} learner updates of 128 trajectories (16 prompts x 8) per run, each "
              "sampled with the weights of exactly k versions earlier; lr 1e-4, grad clip 1, "
-             "tiny recipe otherwise.",
+             f"tiny recipe otherwise; {repeats} run(s) per row.",
              "final acc = mean of the last two held-out evaluations "
              f"({'100' if eval_problems else 'all 190'} problems, greedy).",
              "goal: VCPO within 2 points of sync GRPO at k = 16 while uncorrected / TIS-only "
