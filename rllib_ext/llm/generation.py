@@ -147,8 +147,8 @@ class VLLMBackend:
     """A ``vllm.LLM`` engine.
 
     ``in_process=True`` keeps the engine in the calling process: start-up in seconds, weight
-    syncs without serialisation and no inter-process traffic, which on a CPU machine leaves
-    more cores to the learner (bench/results/vcpo_async_throughput.md); vLLM's CPU worker then
+    syncs without serialisation and no inter-process traffic: on a 2-core CPU 1.4-1.8x the
+    tokens/s of the separate layout (bench/results/rollout_throughput.md); vLLM's CPU worker then
     pins the process's OpenMP threads, so keep learners out of that process (env runners are
     actors). ``in_process=False`` is vLLM's default layout (engine core and worker in processes
     of their own), which overlaps scheduling with the device's work: the choice for GPUs.

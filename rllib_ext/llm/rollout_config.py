@@ -56,9 +56,9 @@ class LLMRolloutConfig(AlgorithmConfig):
             engine_kwargs: extra keyword arguments for ``vllm.LLM``.
             engine_in_process: run vLLM's engine core inside the env runner's process (True),
                 in processes of its own (False), or "auto" (default): in-process on CPU, where
-                the extra engine processes cost more CPU than they save (measured 1.5x more
-                trained samples/s on 2 cores), separate on GPUs, where they overlap
-                scheduling with the GPU's work.
+                the extra engine processes cost more CPU than they save (1.4-1.8x the
+                tokens/s on 2 cores, bench/results/rollout_throughput.md), separate on GPUs,
+                where they overlap scheduling with the GPU's work.
             eval_temperature, eval_top_p: evaluation sampling (temperature 0 = greedy).
             eval_split, eval_num_problems: the held-out split and how many of its problems
                 (None = all) the accuracy evaluation uses.
