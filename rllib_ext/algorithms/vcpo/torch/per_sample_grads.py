@@ -260,8 +260,14 @@ class _Factored:
             scaled = (coefficients[:, None, None] * self.right).reshape(-1, cols)
             out = torch.zeros(self.rows, cols, dtype=scaled.dtype, device=scaled.device)
             return out.index_add_(0, self.left.flatten(), scaled)
-        scaled = (coefficients[:, None, None] * self.left).reshape(-1, self.rows)
-        return scaled.transpose(0, 1) @ self.right.reshape(-1, cols).to(scaled.dtype)
+        # c_b scales sample b's rows of either factor: scale the narrower one (less traffic).
+        left, right = self.left.reshape(-1, self.rows), self.right.reshape(-1, cols)
+        per_row = coefficients.repeat_interleave(self.left.shape[1])[:, None]
+        if self.rows <= cols:
+            left = per_row * left
+        else:
+            right = per_row * right
+        return left.transpose(0, 1).to(coefficients.dtype) @ right.to(coefficients.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,8 +391,9 @@ class _ParamGrads:
         return {
             # bmm into storage; the stored gradients are written, normed and summed: 3 passes
             "materialize": build + _MEMORY_COST * 3 * batch * rows * cols,
-            # built in cache-sized chunks for the norm, rebuilt summed by one matmul later
-            "chunked": 2 * build + reread,
+            # built in cache-sized chunks (written, then read for the norm), rebuilt summed by
+            # one matmul later
+            "chunked": 2 * build + reread + _MEMORY_COST * 2 * batch * rows * cols,
             # Gram matrices for the norm, one matmul later
             "ghost": ghost + build + reread,
         }
