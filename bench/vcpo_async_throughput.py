@@ -15,7 +15,6 @@ sync, mean samples/s, the learner's busy fraction and the staleness actually see
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -79,11 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 block pairs of 1 iteration")
     args = parser.parse_args(argv)
     pairs, iterations = (2, 1) if args.quick else (6, 2)
-    # Ray runs worker processes at niceness 15, the driver at 0. Here the learner lives in the
-    # driver, so the env runner would lose every contended time slice to it (and to Ray's own
-    # threads); under `rllib train` the algorithm runs in a Tune trial actor, at the env
-    # runners' priority. Equal priority here too, so both layouts are measured alike.
-    os.environ["RAY_worker_niceness"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     registry.register_project_envs()
     algos = {k: build(k) for k in (0, 4)}
@@ -120,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Blocks of {iterations} iterations x {UPDATES_PER_ITERATION} learner updates (128 "
              "trajectories each) in ABBA order, both algorithms built and warmed up first; one "
              "remote vLLM env runner each, learner in the driver, tiny recipe "
-             "(tuned_examples/vcpo_math_tiny.yaml), Ray workers at the driver's niceness."]
+             "(tuned_examples/vcpo_math_tiny.yaml)."]
     plot(rows)
     write_results(NAME, flat, "VCPO asynchronous vs synchronous sampling", table, notes,
                   args.quick)
