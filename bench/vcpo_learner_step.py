@@ -12,8 +12,7 @@ The whole ``Learner.update`` is timed (episodes -> batch, forward, backward, opt
 metrics) as CPU time of this process (``time.process_time``; the learner computes on one
 thread, so this is its compute time without the waits for a core of a shared machine), round
 after round in turn (the order reversed every other round) so the remaining noise hits all
-alike; reported: median time and the
-median of per-round ratios to GRPO.
+alike; reported: median time and the median of per-round ratios to GRPO.
 
 Models: the embedded tiny model (what `make demo` trains: hidden 128, 2 layers, 0.45M
 parameters) at two batch sizes, and an untrained wider Llama with the same tokenizer (hidden
@@ -108,7 +107,7 @@ def plot(rows: list[dict]) -> None:
                                        for row in rows])
     axis.set_ylabel("learner update, ms (median)")
     axis.set_yscale("log")
-    axis.set_title("VCPO learner step vs GRPO (tiny model, CPU)")
+    axis.set_title("VCPO learner step vs GRPO (1 CPU thread)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(RESULTS / f"{NAME}.png", dpi=120)
