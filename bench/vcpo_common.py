@@ -38,12 +38,19 @@ def local_runner(config):
     return LLMEnvRunner(config=config, worker_index=0, num_workers=0)
 
 
-def local_learner(config, runner):
-    """A freshly built (initial weights) local learner for ``config``."""
+def module_spaces(runner):
+    """(observation, action) spaces of the runner's module, as a learner is built with."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
-    return config.build_learner(
-        spaces={DEFAULT_MODULE_ID: runner.get_spaces()[DEFAULT_MODULE_ID]})
+    return runner.get_spaces()[DEFAULT_MODULE_ID]
+
+
+def local_learner(config, spaces):
+    """A freshly built (initial weights) local learner for ``config`` (``spaces``: see
+    :func:`module_spaces`)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    return config.build_learner(spaces={DEFAULT_MODULE_ID: spaces})
 
 
 def rewind(runner) -> None:

@@ -12,7 +12,11 @@ The whole ``Learner.update`` is timed (episodes -> batch, forward, backward, opt
 metrics) as CPU time of this process (``time.process_time``; the learner computes on one
 thread, so this is its compute time without the waits for a core of a shared machine), round
 after round in turn (the order reversed every other round) so the remaining noise hits all
-alike; reported: median time and the median of per-round ratios to GRPO.
+alike; reported: median time and the median of per-round ratios to GRPO. Each learner lives
+in its own process, as in a training run: learners sharing one process disturb each other's
+heap (glibc returns the memory one learner freed to the OS, and the next learner's step faults
+it in again: measured ~2,500 page faults and +4 ms on the tiny model's 55 ms step, a cost no
+real run pays).
 
 Models: the embedded tiny model (what `make demo` trains: hidden 128, 2 layers, 0.45M
 parameters) at two batch sizes, and an untrained wider Llama with the same tokenizer (hidden
@@ -25,11 +29,12 @@ is mostly per-layer work that shrinks relative to the step as layers widen.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 
 from common import RESULTS, markdown_table, write_results
-from vcpo_common import METHODS, local_learner, local_runner, tiny_config
+from vcpo_common import METHODS, local_learner, local_runner, module_spaces, tiny_config
 
 from rllib_ext.llm.tiny import (
     TinyModelSpec,
@@ -46,6 +51,7 @@ VARIANTS = {
 }
 
 
+WARM_UP_UPDATES = 5
 WIDE_SPEC = TinyModelSpec(hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8)
 
 
@@ -59,29 +65,51 @@ def wide_model() -> str:
     return str(target)
 
 
+def learner_process(settings: dict, model: str, batch_trajectories: int, spaces, episodes,
+                    connection) -> None:
+    """Builds one learner, then times ``Learner.update`` (CPU time) each time it is asked."""
+    learner = local_learner(tiny_config(train_batch_size_per_learner=batch_trajectories, lr=1e-5,
+                                        llm_model=model, **settings), spaces)
+    for _ in range(WARM_UP_UPDATES):  # the first steps also grow the heap (page faults)
+        learner.update(episodes=episodes)
+    connection.send(sum(p.numel() for p in learner.module["default_policy"].parameters()))
+    while connection.recv():
+        started = time.process_time()
+        learner.update(episodes=episodes)
+        connection.send(time.process_time() - started)
+
+
 def measure(model: str, batch_trajectories: int, rounds: int, exact_rounds: int) -> dict:
     samples = batch_trajectories // 128
     config = tiny_config(generation_backend="transformers", lr=1e-5, llm_model=model,
                          train_batch_size_per_learner=batch_trajectories)
     runner = local_runner(config)
     episodes = [e for _ in range(samples) for e in runner.sample()]
+    spaces = module_spaces(runner)
     runner.stop()
-    learners = {name: local_learner(tiny_config(train_batch_size_per_learner=batch_trajectories,
-                                                lr=1e-5, llm_model=model, **settings), runner)
-                for name, settings in VARIANTS.items()}
-    times = {name: [] for name in learners}
-    for learner in learners.values():  # warm-up
-        learner.update(episodes=episodes)
-    for round_ in range(rounds):
-        order = list(learners.items())
-        for name, learner in order[::-1] if round_ % 2 else order:  # cancels order effects
-            if name == "VCPO exact" and round_ >= exact_rounds:
-                continue
-            started = time.process_time()
-            learner.update(episodes=episodes)
-            times[name].append(time.process_time() - started)
+    context = multiprocessing.get_context("spawn")
+    learners, processes = {}, []
+    for name, settings in VARIANTS.items():
+        learners[name], child = context.Pipe()
+        processes.append(context.Process(target=learner_process, daemon=True, args=(
+            settings, model, batch_trajectories, spaces, episodes, child)))
+        processes[-1].start()
+    try:
+        parameters = [connection.recv() for connection in learners.values()][0]
+        times = {name: [] for name in learners}
+        for round_ in range(rounds):
+            order = list(learners.items())
+            for name, connection in order[::-1] if round_ % 2 else order:  # cancels order effects
+                if name == "VCPO exact" and round_ >= exact_rounds:
+                    continue
+                connection.send(True)
+                times[name].append(connection.recv())
+    finally:
+        for connection in learners.values():
+            connection.send(False)
+        for process in processes:
+            process.join(timeout=60)
     tokens = sum(int(e.get_extra_model_outputs("response_length", 0)) for e in episodes)
-    parameters = sum(p.numel() for p in learners["GRPO"].module["default_policy"].parameters())
     result = {"model": "tiny" if model == "tiny" else "wide", "parameters": parameters,
               "trajectories": len(episodes), "response_tokens": tokens}
     for name in learners:

@@ -21,7 +21,15 @@ import statistics
 import time
 
 from common import RESULTS, markdown_table, write_results
-from vcpo_common import METHODS, learner_weights, local_learner, local_runner, rewind, tiny_config
+from vcpo_common import (
+    METHODS,
+    learner_weights,
+    local_learner,
+    local_runner,
+    module_spaces,
+    rewind,
+    tiny_config,
+)
 
 NAME = "vcpo_staleness_stability"
 
@@ -35,7 +43,8 @@ def run(runner, method: str, k: int, updates: int, eval_every: int,
 
     from rllib_ext.llm.env_runner import FORCE_WEIGHTS
 
-    learner = local_learner(tiny_config(max_staleness=k, seed=seed, **METHODS[method]), runner)
+    learner = local_learner(tiny_config(max_staleness=k, seed=seed, **METHODS[method]),
+                            module_spaces(runner))
     rewind(runner)
     snapshots = {0: learner_weights(learner)}
     curve = {"step": [], "reward": [], "ess_ratio": [], "grad_norm": [], "is_weight_max": [],

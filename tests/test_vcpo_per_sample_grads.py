@@ -12,6 +12,7 @@ from rllib_ext.algorithms.vcpo import losses
 from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
     PerSampleGradients,
     UnsupportedModuleError,
+    _active_length,
     loop_accumulate,
     score_grad_sq_norms_loop,
 )
@@ -142,6 +143,79 @@ def test_production_layout_and_forward(setup):
         _, norms = psg.forward_backward(response_log_probs, batch, mask)
         psg.release()
         assert torch.allclose(norms, truth, rtol=1e-5, atol=0), strategy
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_production_layout_gradient_skips_zero_rows(setup, strategy):
+    """The weighted sum leaves out rows whose output gradient is zero (the last position and
+    right padding) and still equals autograd's gradient."""
+    from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
+
+    model = setup[0]
+    batch = pack_prompt_response(*ragged(5, seed=9, low=1), pad_id=PAD)
+    mask = batch["response_mask"]
+    coefficients = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3])
+    model.zero_grad(set_to_none=True)
+    losses.policy_gradient_loss(response_log_probs(model, batch), mask, coefficients, 1.0
+                                ).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    psg = make_psg(model, strategy)
+    for _ in range(2):  # the second step reuses (and scales in place) the first one's buffers
+        psg.forward_backward(response_log_probs, batch, mask)
+        rows = psg.last_weighted_rows
+        model.zero_grad(set_to_none=True)
+        psg.accumulate_grads(-coefficients)
+        for name, p in model.named_parameters():
+            assert_close(p.grad, want[name], name)
+    q_rows = rows.get("model.layers.0.self_attn.q_proj.weight")
+    if psg.last_plan["model.layers.0.self_attn.q_proj.weight"] == "ghost":
+        # every position up to the one predicting the last response token carries gradient
+        assert q_rows == int(batch["attention_mask"].sum()) - len(mask)
+    elif q_rows is not None:
+        assert q_rows == batch["input_ids"].numel()
+    model.zero_grad(set_to_none=True)
+
+
+def test_active_length_trims_only_all_zero_trailing_positions():
+    grad = torch.randn(3, 6, 4)
+    grad[:, 4:] = 0
+    grad[1, 3] = 0  # zero in one row only: kept
+    assert _active_length(grad, {}) == 4
+    hints = {}
+    assert _active_length(grad, hints) == 4 and hints == {6: 4}
+    assert _active_length(torch.zeros(2, 6, 4), {6: 5}) == 5  # stale hint: exact, not minimal
+    grad[0, 5, 2] = 1e-30  # tiny but nonzero
+    assert _active_length(grad, {6: 4}) == 6
+    grad[0, 5, 2] = float("nan")  # NaN must reach the norms (the step is then skipped)
+    assert _active_length(grad, {}) == 6
+    assert _active_length(torch.zeros(2, 3, 4), {}) == 0
+
+
+def test_bfloat16_model_norms_and_gradient():
+    """Half-precision models: Gram matrices and the weighted sum in float32 (no in-place
+    scaling of bf16 buffers), within bf16 rounding of autograd on the same model."""
+    from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
+
+    model = tiny_llama(tie=False, pad_token_id=None).to(torch.bfloat16)
+    batch = pack_prompt_response(*ragged(4, seed=10, low=1), pad_id=PAD)
+    mask = batch["response_mask"]
+    truth = score_grad_sq_norms_loop(model, response_log_probs, batch, mask)
+    coefficients = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    model.zero_grad(set_to_none=True)
+    losses.policy_gradient_loss(response_log_probs(model, batch), mask, coefficients, 1.0
+                                ).backward()
+    want = {n: p.grad.float() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    psg = PerSampleGradients(model)
+    _, norms = psg.forward_backward(response_log_probs, batch, mask)
+    assert torch.allclose(norms, truth, rtol=3e-2)
+    psg.accumulate_grads(-coefficients)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.bfloat16
+        scale = float(want[name].abs().max())
+        assert (p.grad.float() - want[name]).abs().max() <= 3e-2 * scale, name
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize(

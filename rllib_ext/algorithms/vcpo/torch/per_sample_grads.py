@@ -35,9 +35,11 @@ rows get no gradient, as in autograd.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -225,16 +227,38 @@ class _Factored:
     """Per-sample gradient ``G_b = sum_t left_bt right_bt^T`` of a ``[rows, cols]`` parameter.
 
     ``left`` is ``[B, L, rows]``, or ``[B, L]`` int64 row indices (``left_bt = onehot``, the
-    embedding case); ``right`` is ``[B, L, cols]``.
+    embedding case); ``right`` is ``[B, L, cols]``. The output-gradient factor (``left`` of a
+    linear layer, ``right`` of an embedding) is zero in every row at positions ``>= active``
+    (see :func:`_active_length`), so those add nothing to ``G_b``. ``live``, once a ghost norm
+    has seen the output gradient's Gram diagonal, marks the rows ``(b, t < active)`` whose
+    output gradient is nonzero; :meth:`compact` then keeps only those rows: ``left`` and
+    ``right`` become ``[K, ...]`` (reused buffers) and ``sample[k]`` is row k's trajectory.
     """
 
     left: torch.Tensor
     right: torch.Tensor
     rows: int
+    active: int
+    live: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
 
     @property
     def indexed(self) -> bool:
         return not self.left.dtype.is_floating_point
+
+    @property
+    def row_count(self) -> int:
+        """Rows ``(b, t)`` the weighted sum multiplies."""
+        return self.sample.numel() if self.sample is not None else self.right.shape[0] * \
+            self.right.shape[1]
+
+    def trimmed(self) -> _Factored:
+        """The same ``G_b`` from the first ``active`` positions only (views, no copies): the
+        per-sample norm work scales with ``L^2`` (ghost) or ``L`` (materialize, chunked)."""
+        if self.active == self.right.shape[1]:
+            return self
+        return _Factored(self.left[:, : self.active], self.right[:, : self.active], self.rows,
+                         self.active)
 
     def add_into(self, out: torch.Tensor, lo: int, hi: int, first: bool) -> None:
         """``out = G[lo:hi]`` (``first``) or ``out += G[lo:hi]``; ``out`` is ``[hi-lo, rows, cols]``."""
@@ -253,21 +277,124 @@ class _Factored:
             0, (self.left[lo:hi] + offsets).flatten(), self.right[lo:hi].reshape(-1, cols)
         )
 
-    def weighted_sum(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``sum_b c_b G_b`` as one matmul over all (b, t) (one index_add for embeddings)."""
-        cols = self.right.shape[-1]
+    def compact(self, name: str, workspace: _Workspace) -> None:
+        """Keep the live rows of both factors only, copied into reused buffers while the
+        output gradient is still in cache (the weighted sum then skips the zero rows: the
+        last position and padding, ~20% of a causal LM's rows; and autograd can free its
+        tensors). A layer input read by several layers is gathered once for all of them."""
+        rows = workspace.live_rows(self.live, self.right.shape[1])
+        grad, data = (self.right, self.left) if self.indexed else (self.left, self.right)
+        grad = workspace.gather(f"grad:{name}", grad, rows)
+        data = workspace.gather_input(f"input:{name}", data, rows)
+        self.left, self.right = (data, grad) if self.indexed else (grad, data)
+        self.sample = rows.sample
+
+    def flat(self, cache: _WeightedSumCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(left, right, sample)`` over rows: ``[K, ...]`` each, ``sample[k]`` = trajectory."""
+        if self.sample is not None:
+            return self.left, self.right, self.sample
+        batch, length = self.right.shape[:2]
+        left = self.left.reshape(batch * length) if self.indexed else self.left.reshape(
+            batch * length, -1)
+        return left, self.right.reshape(batch * length, -1), cache.all_rows(batch, length)
+
+    def weighted_sum(self, coefficients: torch.Tensor, cache: _WeightedSumCache
+                     ) -> torch.Tensor:
+        """``sum_b c_b G_b`` as one matmul over the rows ``(b, t)`` of both factors (one
+        index_add for embeddings)."""
+        left, right, sample = self.flat(cache)
+        per_row = cache.row_coefficients(sample, coefficients)
+        owned = self.sample is not None  # compacted rows live in our buffers: scale in place
         if self.indexed:
-            scaled = (coefficients[:, None, None] * self.right).reshape(-1, cols)
-            out = torch.zeros(self.rows, cols, dtype=scaled.dtype, device=scaled.device)
-            return out.index_add_(0, self.left.flatten(), scaled)
-        # c_b scales sample b's rows of either factor: scale the narrower one (less traffic).
-        left, right = self.left.reshape(-1, self.rows), self.right.reshape(-1, cols)
-        per_row = coefficients.repeat_interleave(self.left.shape[1])[:, None]
-        if self.rows <= cols:
-            left = per_row * left
+            scaled = _scaled(right, per_row, owned)
+            out = torch.zeros(self.rows, scaled.shape[1], dtype=scaled.dtype,
+                              device=scaled.device)
+            return out.index_add_(0, left, scaled)
+        if cache.scales_input(right):
+            right = cache.scaled_input(right, per_row, owned)
         else:
-            right = per_row * right
-        return left.transpose(0, 1).to(coefficients.dtype) @ right.to(coefficients.dtype)
+            left = _scaled(left, per_row, owned)
+        dtype = coefficients.dtype
+        return left.mT.to(dtype) @ right.to(dtype)
+
+
+def _scaled(x: torch.Tensor, per_row: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``c_k x_k`` in at least the coefficients' dtype; in place when allowed and lossless."""
+    if in_place and x.dtype == per_row.dtype:
+        return x.mul_(per_row)
+    return x * per_row
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    """Identifies a tensor view (same memory, shape and strides) while it is alive."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _LiveRows:
+    """Rows ``(b, t)`` of ``[B, L, ...]`` factors: flat ``index = b * L + t`` and ``sample = b``."""
+
+    index: torch.Tensor
+    sample: torch.Tensor
+
+
+class _WeightedSumCache:
+    """What the weighted sums of one ``accumulate_grads`` share: per-row coefficients, and
+    for each layer input the choice to scale it (once, for every layer reading it: q/k/v,
+    gate/up) or to scale each reader's output gradient instead, whichever moves fewer
+    elements."""
+
+    def __init__(self, pieces: list[_Factored]) -> None:
+        self._all_rows: dict[tuple, torch.Tensor] = {}
+        self._coefficients: dict[tuple, torch.Tensor] = {}
+        self._scaled_inputs: dict[tuple, torch.Tensor] = {}
+        self._reader_rows: dict[tuple, int] = collections.Counter()
+        for piece in pieces:
+            if not piece.indexed:
+                self._reader_rows[_tensor_key(piece.flat(self)[1])] += piece.rows
+
+    def all_rows(self, batch: int, length: int) -> torch.Tensor:
+        if (batch, length) not in self._all_rows:
+            self._all_rows[batch, length] = torch.arange(batch).repeat_interleave(length)
+        return self._all_rows[batch, length]
+
+    def row_coefficients(self, sample: torch.Tensor, coefficients: torch.Tensor
+                         ) -> torch.Tensor:
+        key = (id(sample), coefficients.dtype)
+        if key not in self._coefficients:
+            self._coefficients[key] = coefficients[sample.to(coefficients.device)][:, None]
+        return self._coefficients[key]
+
+    def scales_input(self, x: torch.Tensor) -> bool:
+        return x.shape[-1] < self._reader_rows[_tensor_key(x)]
+
+    def scaled_input(self, x: torch.Tensor, per_row: torch.Tensor, owned: bool) -> torch.Tensor:
+        key = _tensor_key(x)
+        if key not in self._scaled_inputs:
+            self._scaled_inputs[key] = _scaled(x, per_row, owned)
+        return self._scaled_inputs[key]
+
+
+def _all_zero(x: torch.Tensor) -> bool:
+    return float(x.abs().amax()) == 0.0  # NaN compares unequal: counts as nonzero
+
+
+def _active_length(grad: torch.Tensor, hints: dict[int, int]) -> int:
+    """Leading positions of ``grad [B, L, d]`` outside which it is exactly 0 in every row.
+
+    In a causal LM the last position and right padding reach no log-prob, so their output
+    gradients are 0 in every layer. ``hints`` maps ``L`` to what an earlier layer of the same
+    backward found: positions from there on are checked by one reduction, those before it are
+    not searched (at worst a zero position is kept: more work, never a wrong norm).
+    """
+    length = grad.shape[1]
+    hint = hints.get(length)
+    if hint is not None and (hint == length or _all_zero(grad[:, hint:])):
+        return hint
+    while length > 0 and _all_zero(grad[:, length - 1]):
+        length -= 1
+    hints.setdefault(grad.shape[1], length)
+    return length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,18 +422,31 @@ def _left_gram(a: _Factored, b: _Factored) -> torch.Tensor:
     return torch.bmm(_at_least_float32(a.left), _at_least_float32(b.left).transpose(1, 2))
 
 
+def _ghost_sq_norms(piece: _Factored, workspace: _Workspace) -> torch.Tensor:
+    """``||G_b||^2 = sum_{t,s} (left_t . left_s)(right_t . right_s)``, ``[B]``; sets
+    ``piece.live`` from the output gradient's Gram diagonal ``||g_bt||^2`` (0 only for a zero
+    row, barring float32 underflow of ``|g| < 1e-22``) when the batch fits one Gram block."""
+    trimmed = piece.trimmed()
+    batch, length = trimmed.right.shape[:2]
+    if batch * length * length > _GRAM_CHUNK_ELEMENTS:
+        return _ghost_inner(trimmed, trimmed, workspace)
+    left = _left_gram(trimmed, trimmed)
+    right = workspace.gram(trimmed.right)  # layers reading the same input share it
+    grad_gram = right if trimmed.indexed else left
+    piece.live = torch.diagonal(grad_gram, dim1=1, dim2=2) != 0
+    return (left * right).sum(dim=(1, 2), dtype=torch.float32)
+
+
 def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Tensor:
-    """``<G^a_i, G^b_i>_F = sum_{t,s} (left^a_t . left^b_s)(right^a_t . right^b_s)``, ``[B]``."""
+    """``<G^a_i, G^b_i>_F = sum_{t,s} (left^a_t . left^b_s)(right^a_t . right^b_s)``, ``[B]``,
+    in batch chunks that bound the ``[chunk, La, Lb]`` temporaries."""
     batch, la, lb = a.right.shape[0], a.right.shape[1], b.right.shape[1]
     chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, la * lb))
-    if chunk >= batch and a is b:  # layers reading the same input share its Gram matrix
-        left = _left_gram(a, a)
-        return (left * workspace.gram(a.right)).sum(dim=(1, 2), dtype=torch.float32)
     out = []
     for lo in range(0, batch, chunk):
         hi = lo + chunk
-        part_a = _Factored(a.left[lo:hi], a.right[lo:hi], a.rows)
-        part_b = _Factored(b.left[lo:hi], b.right[lo:hi], b.rows)
+        part_a = _Factored(a.left[lo:hi], a.right[lo:hi], a.rows, a.active)
+        part_b = _Factored(b.left[lo:hi], b.right[lo:hi], b.rows, b.active)
         right = torch.bmm(_at_least_float32(part_a.right),
                           _at_least_float32(part_b.right).transpose(1, 2))
         out.append((_left_gram(part_a, part_b) * right).sum(dim=(1, 2), dtype=torch.float32))
@@ -315,38 +455,73 @@ def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Ten
 
 class _Workspace:
     """Buffers kept across steps (so a step does not pay for fresh memory) and, within one
-    backward pass, the Gram matrices of layer inputs (q/k/v and gate/up read the same input)."""
+    backward pass, what several layers share: Gram matrices and live rows of a layer input
+    (q/k/v and gate/up read the same input)."""
 
     def __init__(self, chunk_bytes: int) -> None:
         self.chunk_bytes = chunk_bytes
         self._buffers: dict[str, torch.Tensor] = {}
         self._grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._live_rows: list[tuple[torch.Tensor, int, _LiveRows]] = []
+        self._inputs: dict[tuple, torch.Tensor] = {}
 
     def buffer(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat buffer of at least ``numel`` elements (at least ``chunk_bytes`` for the
-        chunk scratch ``key="chunk"``)."""
+        chunk scratch ``key="chunk"``); one that grows gets 25% headroom, as sizes that
+        depend on the data (live rows) vary from step to step."""
         if key == "chunk":
             numel = max(numel, self.chunk_bytes // like.element_size())
         buf = self._buffers.get(key)
-        if (buf is None or buf.numel() < numel or buf.dtype != like.dtype
-                or buf.device != like.device):
+        if buf is not None and (buf.dtype != like.dtype or buf.device != like.device):
+            buf = None
+        if buf is None or buf.numel() < numel:
+            if buf is not None:
+                numel += numel // 4
             buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf
 
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         """``x x^T`` per sample, ``[B, L, L]``, computed once per distinct tensor."""
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        key = _tensor_key(x)
         if key not in self._grams:  # x is kept too, so its memory cannot be reused meanwhile
             wide = _at_least_float32(x)
             self._grams[key] = (x, torch.bmm(wide, wide.transpose(1, 2)))
         return self._grams[key][1]
 
+    def live_rows(self, live: torch.Tensor, length: int) -> _LiveRows:
+        """The rows a ``[B, active]`` live mask keeps of ``[B, length, ...]`` factors (layers
+        whose masks are equal share one object, so their inputs are gathered once)."""
+        for mask, mask_length, rows in self._live_rows:
+            if mask_length == length and mask.shape == live.shape and torch.equal(mask, live):
+                return rows
+        sample, position = live.nonzero(as_tuple=True)
+        rows = _LiveRows(sample * length + position, sample)
+        self._live_rows.append((live, length, rows))
+        return rows
+
+    def gather(self, key: str, x: torch.Tensor, rows: _LiveRows) -> torch.Tensor:
+        """``x``'s rows ``rows.index`` of its ``[B * L, ...]`` flattening, in buffer ``key``."""
+        flat = x.reshape(x.shape[0] * x.shape[1], -1) if x.dim() > 2 else x.reshape(-1)
+        shape = (rows.index.numel(), *flat.shape[1:])
+        out = self.buffer(key, math.prod(shape), flat)[: math.prod(shape)].view(shape)
+        return torch.index_select(flat, 0, rows.index, out=out)
+
+    def gather_input(self, key: str, x: torch.Tensor, rows: _LiveRows) -> torch.Tensor:
+        """:meth:`gather` once per (input, rows) in a backward pass (``key`` names the buffer
+        of the first layer asking)."""
+        cache_key = (_tensor_key(x), id(rows))
+        if cache_key not in self._inputs:
+            self._inputs[cache_key] = self.gather(key, x, rows)
+        return self._inputs[cache_key]
+
     def end_backward(self) -> None:
         self._grams.clear()
+        self._live_rows.clear()
+        self._inputs.clear()
 
     def clear(self) -> None:
         self._buffers.clear()
-        self._grams.clear()
+        self.end_backward()
 
 
 def _sq_norms_of(per_sample: torch.Tensor) -> torch.Tensor:
@@ -432,6 +607,9 @@ class _ParamGrads:
         self.received += 1
         if self.received == self.expected:
             self.norms = self._sq_norms(workspace)
+            for j, piece in enumerate(self.factored):
+                if piece.live is not None:
+                    piece.compact(f"{self.name}#{j}", workspace)
 
     def _store(self, piece: _Factored | torch.Tensor, workspace: _Workspace) -> None:
         first = self.stored is None
@@ -443,7 +621,8 @@ class _ParamGrads:
                                     _like(piece))
             self.stored = flat[: self.batch * self.param.numel()].view(self.batch, *self.param.shape)
         if isinstance(piece, _Factored):
-            piece.add_into(self.stored.view(self.batch, piece.rows, -1), 0, self.batch, first)
+            piece.trimmed().add_into(self.stored.view(self.batch, piece.rows, -1), 0, self.batch,
+                                     first)
         elif first:
             self.stored.copy_(piece)
         else:
@@ -454,7 +633,7 @@ class _ParamGrads:
         shaped = flat[: (hi - lo) * self.param.numel()].view(hi - lo, *self.param.shape)
         first = True
         for f in self.factored:
-            f.add_into(shaped.view(hi - lo, f.rows, -1), lo, hi, first)
+            f.trimmed().add_into(shaped.view(hi - lo, f.rows, -1), lo, hi, first)
             first = False
         for d in self.dense:
             shaped.copy_(d[lo:hi]) if first else shaped.add_(d[lo:hi])
@@ -472,9 +651,9 @@ class _ParamGrads:
                               for lo in range(0, self.batch, chunk)])
         total = 0  # ghost
         for j, a in enumerate(self.factored):
-            total = total + _ghost_inner(a, a, workspace)
+            total = total + _ghost_sq_norms(a, workspace)
             for b in self.factored[j + 1 :]:
-                total = total + 2 * _ghost_inner(a, b, workspace)
+                total = total + 2 * _ghost_inner(a.trimmed(), b.trimmed(), workspace)
         return total
 
     def finish(self, workspace: _Workspace) -> torch.Tensor | None:
@@ -483,13 +662,14 @@ class _ParamGrads:
             self.norms = self._sq_norms(workspace)
         return self.norms
 
-    def weighted_sum(self, coefficients: torch.Tensor) -> torch.Tensor | None:
+    def weighted_sum(self, coefficients: torch.Tensor, cache: _WeightedSumCache
+                     ) -> torch.Tensor | None:
         """``sum_b c_b G_b``: one ``[B] x [B, P]`` product when stored, else one matmul a piece."""
         if not self.received:
             return None
         acc = _accumulation_dtype(self.param.dtype)
         c = coefficients.to(acc)
-        parts = [f.weighted_sum(c).view(self.param.shape) for f in self.factored]
+        parts = [f.weighted_sum(c, cache).view(self.param.shape) for f in self.factored]
         parts += [torch.tensordot(c, d.to(acc), dims=1) for d in self.dense]
         if self.stored is not None:
             parts.append(torch.tensordot(c, self.stored.to(acc), dims=1))
@@ -673,8 +853,12 @@ class PerSampleGradients:
         self._pending: list[_ParamGrads] | None = None
         self._batch_size = 0
         self._workspace = _Workspace(chunk_bytes)
+        self._active_hints: dict[int, int] = {}  # see _active_length; per backward
         #: per parameter name, the route the last ``backward`` took
         self.last_plan: dict[str, str] = {}
+        #: per weight, the rows (trajectory, position) its weighted sum multiplies after the
+        #: last ``backward`` (rows with a zero output gradient are left out where known)
+        self.last_weighted_rows: dict[str, int] = {}
 
     # -- phase 1: forward ---------------------------------------------------------------------
 
@@ -726,6 +910,7 @@ class PerSampleGradients:
         batch = logp.shape[0]
         self._check_calls(calls, batch)
         records = self._plan(calls, batch)
+        self._active_hints.clear()
         handles = [
             call.output.register_hook(functools.partial(self._on_output_grad, call, records))
             for call in calls
@@ -739,12 +924,12 @@ class PerSampleGradients:
         del calls
         self._batch_size = batch
         self._pending = list(records.values())
-        total = torch.zeros(batch, dtype=torch.float64, device=logp.device)
-        for rec in self._pending:
-            norms = rec.finish(self._workspace)
-            if norms is not None:
-                total += norms.double()
+        norms = [n for rec in self._pending if (n := rec.finish(self._workspace)) is not None]
+        total = torch.stack(norms).sum(0, dtype=torch.float64) if norms else \
+            torch.zeros(batch, dtype=torch.float64, device=logp.device)
         self._workspace.end_backward()
+        self.last_weighted_rows = {rec.name: sum(f.row_count for f in rec.factored)
+                                   for rec in self._pending if rec.factored}
         return total
 
     @staticmethod
@@ -804,13 +989,15 @@ class PerSampleGradients:
         if hooked.kind == "linear":
             if hooked.weight is not None:
                 a = call.input.reshape(batch, -1, call.input.shape[-1])
-                pieces.append((hooked.weight, _Factored(g, a, g.shape[-1])))
+                pieces.append((hooked.weight, _Factored(g, a, g.shape[-1],
+                                                        _active_length(g, self._active_hints))))
         elif hooked.kind == "embedding":
             index = call.input.reshape(batch, -1)
             padding_idx = hooked.module.padding_idx
             if padding_idx is not None:  # autograd gives the padding row no gradient
                 g = g.masked_fill((index == padding_idx)[..., None], 0)
-            pieces.append((hooked.weight, _Factored(index, g, hooked.module.num_embeddings)))
+            pieces.append((hooked.weight, _Factored(index, g, hooked.module.num_embeddings,
+                                                    _active_length(g, self._active_hints))))
         elif hooked.weight is not None:  # "scale": y = weight * h(x) + bias
             pieces.append((hooked.weight, self._scale_weight_piece(call, g)))
         if hooked.bias is not None:
@@ -855,9 +1042,10 @@ class PerSampleGradients:
             raise ValueError("coefficients must be finite")
         pending, self._pending = self._pending, None
         c = coefficients.detach()
+        cache = _WeightedSumCache([f for rec in pending for f in rec.factored])
         while pending:
             rec = pending.pop()
-            grad = rec.weighted_sum(c.to(rec.param.device))
+            grad = rec.weighted_sum(c.to(rec.param.device), cache)
             if grad is not None:
                 _accumulate_into_grad(rec.param, grad)
 
