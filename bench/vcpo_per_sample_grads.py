@@ -13,7 +13,9 @@ Times are CPU time of this process (``time.process_time``), not wall time: on a 
 with other jobs, wall time mostly measures how long the process waited for a core. Methods run
 interleaved, round after round, so the remaining noise (shared caches) hits all of them alike;
 the table reports the minimum time and the median of per-round ratios to ``plain``. Every run
-also checks that the norms of each route equal the loop's.
+also checks that the norms of each route equal the loop's. The process keeps freed heap memory,
+as a VCPO learner's does (``learner_heap_keep_mb``), so no method pays page faults for memory
+another method freed.
 
     .venv/bin/python bench/vcpo_per_sample_grads.py [--quick]
 """
@@ -37,6 +39,7 @@ from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
 )
 from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
 from rllib_ext.llm.tiny import TinyModelSpec
+from rllib_ext.utils.heap import keep_freed_heap
 
 NAME = "vcpo_per_sample_grads"
 ROUTES = ("auto", "materialize", "chunked", "ghost")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default 1: least disturbed by other processes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_heap(512 << 20)  # as a VCPO learner's process does (learner_heap_keep_mb)
     cases = CASES[:2] if args.quick else CASES
     rounds, loop_rounds = (10, 2) if args.quick else (30, 3)
     rows = []

@@ -33,6 +33,7 @@ from rllib_ext.algorithms.vcpo.staleness import StalenessController
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
+from rllib_ext.utils.heap import MAX_KEEP_BYTES
 from rllib_ext.utils.operation_watch import OperationWatch
 
 CORRECTIONS = ("seq_tis", "none", "token_tis", "masked_is", "geo_mask")
@@ -81,6 +82,7 @@ class VCPOConfig(LLMRolloutConfig):
         self.accuracy_eval_interval = 0
         self.sample_timeout_s = 600.0
         self.weight_sync_timeout_s = 300.0
+        self.learner_heap_keep_mb = 512
         # One remote vLLM runner and a local learner fit two CPU cores.
         self.num_env_runners = 1
         self.num_learners = 0
@@ -102,7 +104,7 @@ class VCPOConfig(LLMRolloutConfig):
                  baseline=NotProvided, opob_grad_norms=NotProvided, weight_decay=NotProvided,
                  updates_per_iteration=NotProvided, accuracy_eval_interval=NotProvided,
                  sample_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided,
-                 **kwargs) -> VCPOConfig:
+                 learner_heap_keep_mb=NotProvided, **kwargs) -> VCPOConfig:
         """VCPO settings (plus all of ``AlgorithmConfig.training``).
 
         Args:
@@ -124,6 +126,10 @@ class VCPOConfig(LLMRolloutConfig):
                 the run stops with an error naming the runner (default 600).
             weight_sync_timeout_s: the same for loading new weights into a runner's engine
                 (default 300).
+            learner_heap_keep_mb: a CPU learner's process keeps up to this much freed heap
+                memory instead of returning it to the OS, which the next step would fault in
+                again (glibc; default 512, 0 = the C library's defaults; see
+                ``rllib_ext.utils.heap``).
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -170,6 +176,11 @@ class VCPOConfig(LLMRolloutConfig):
                 f"minibatch_size ({self.minibatch_size}) must be a multiple of "
                 f"num_generations ({self.num_generations}) that divides "
                 f"train_batch_size_per_learner ({batch}), so minibatches hold whole groups.")
+        keep = self.learner_heap_keep_mb
+        if not isinstance(keep, int) or not 0 <= keep <= MAX_KEEP_BYTES >> 20:
+            self._value_error(f"learner_heap_keep_mb must be an integer in [0, "
+                              f"{MAX_KEEP_BYTES >> 20}] (0 = the C library's defaults), got "
+                              f"{keep!r}.")
         if not self.is_truncation > 0:
             self._value_error(f"is_truncation must be > 0, got {self.is_truncation}.")
         if not self.ess_reference_ratio > 0 or not 0 <= self.ess_lr_floor <= 1:

@@ -49,6 +49,7 @@ from rllib_ext.algorithms.vcpo.vcpo_learner import (
 )
 from rllib_ext.llm.causal_lm_module import LM_BATCH_KEYS, RESPONSE_LOGP, response_log_probs
 from rllib_ext.llm.env_runner import BEHAVIOUR_LOGP, GROUP_ID
+from rllib_ext.utils.heap import keep_freed_heap
 
 
 def applied_weights(correction: str, config, logp: torch.Tensor, behaviour_logp: torch.Tensor,
@@ -91,6 +92,8 @@ class VCPOTorchLearner(VCPOLearner, TorchLearner):
         super().build()
         if self._device.type == "cpu":
             torch.set_num_threads(learner_cpus(self.config))
+            if self.config.learner_heap_keep_mb:
+                keep_freed_heap(self.config.learner_heap_keep_mb << 20)
         self._per_sample: dict[str, PerSampleGradients] = {}
         if self.config.baseline == "opob" and self.config.opob_grad_norms == "ghost":
             for module_id in self.module.keys():
