@@ -1,6 +1,7 @@
 """The CPU learner's heap policy: freed memory stays in the process, so re-allocating it does
 not page-fault it in again."""
 
+import os
 import subprocess
 import sys
 
@@ -30,10 +31,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(_glibc() is None, reason="the heap policy is glibc's")
 def test_kept_heap_is_not_faulted_in_again():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS, mode], check=True,
+    # glibc's malloc: a process started after a vLLM CPU engine inherits its LD_PRELOAD
+    # of tcmalloc, which keeps freed memory anyway.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS, mode], check=True, env=env,
                                        capture_output=True, text=True).stdout)
               for mode in ("default", "keep")}
-    assert faults["default"] > 10 * 2000  # 40 MiB = 10k pages returned and re-faulted per step
+    # 40 MiB returned and faulted in again per step: 10k pages, or 20 where transparent huge
+    # pages back the heap
+    assert faults["default"] >= 10 * 20
     assert faults["keep"] < faults["default"] / 20
 
 

@@ -283,9 +283,9 @@ class _Factored:
 
     def compact(self, name: str, workspace: _Workspace) -> None:
         """Keep the live rows of both factors only, copied into reused buffers while the
-        output gradient is still in cache (the weighted sum then skips the zero rows: the
-        last position and padding, ~20% of a causal LM's rows; and autograd can free its
-        tensors). A layer input read by several layers is gathered once for all of them."""
+        output gradient is still in cache: the weighted sum then skips the zero rows (the
+        last position and padding, ~20% of the tiny model's rows). A layer input read by
+        several layers is gathered once for all of them."""
         rows = workspace.live_rows(self.live, self.right.shape[1])
         grad, data = (self.right, self.left) if self.indexed else (self.left, self.right)
         grad = workspace.gather(f"grad:{name}", grad, rows)
