@@ -136,6 +136,24 @@ def test_sync_changes_generations_in_place_and_stale_weights_are_ignored(ray_ses
     assert ray_session.get(runner.get_state.remote())[WEIGHTS_SEQ_NO] == 12
 
 
+def test_finite_weights_after_non_finite_ones_generate_finite_logprobs(ray_session, runner,
+                                                                      module):
+    """A forward pass with NaN weights leaves NaN in the engine's KV-cache blocks, and masked
+    attention slots multiply them by 0 (= NaN): the next weight load clears the cache."""
+    state = module.get_state(inference_only=True)
+    broken = {k: np.full_like(v, np.nan) if "norm" in k else v for k, v in state.items()}
+
+    def non_finite_rows():
+        episodes = ray_session.get(runner.sample.remote())
+        return sum(not np.isfinite(e.get_extra_model_outputs(BEHAVIOUR_LOGP, 0)).all()
+                   for e in episodes)
+
+    ray_session.get(runner.set_state.remote({COMPONENT_RL_MODULE: broken, WEIGHTS_SEQ_NO: 20}))
+    assert non_finite_rows() == 6 * N
+    ray_session.get(runner.set_state.remote({COMPONENT_RL_MODULE: state, WEIGHTS_SEQ_NO: 21}))
+    assert [non_finite_rows() for _ in range(3)] == [0, 0, 0]
+
+
 def test_transformers_backend_logprobs_equal_rlmodule(tiny_model_path, module):
     backend = TransformersBackend(tiny_model_path, seed=0)
     backend.load_weights(module.hf_state_dict())

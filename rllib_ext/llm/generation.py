@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import threading
 import time
@@ -142,6 +143,18 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(list(weights.items())))
         return len(weights)
 
+    def rllib_ext_clear_kv_cache(self) -> None:
+        """Zero every KV-cache block: attention reads the unused slots of a block with weight
+        0, and 0 * NaN is NaN, so values left by a non-finite forward pass poison later
+        sequences (measured: NaN log-probs for 8+ samples after finite weights came back)."""
+        pending = list(self.model_runner.kv_caches)
+        while pending:
+            cache = pending.pop()
+            if isinstance(cache, torch.Tensor):
+                cache.zero_()
+            else:
+                pending.extend(cache)
+
 
 class VLLMBackend:
     """A ``vllm.LLM`` engine.
@@ -180,6 +193,8 @@ class VLLMBackend:
             kwargs.update(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
         kwargs.update(engine_kwargs or {})
         self.in_process = bool(in_process)
+        # Set when a generation returned a non-finite log-prob: the KV cache may hold NaN/inf.
+        self._kv_cache_dirty = False
         started = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_seconds = time.perf_counter() - started
@@ -194,9 +209,12 @@ class VLLMBackend:
         with self._engine_death_watch():
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                         use_tqdm=False)
-        return [[Completion(list(sample.token_ids), sampled_token_logprobs(sample.logprobs),
-                            "length" if sample.finish_reason == "length" else "stop")
-                 for sample in output.outputs] for output in outputs]
+        completions = [[Completion(list(sample.token_ids), sampled_token_logprobs(sample.logprobs),
+                                   "length" if sample.finish_reason == "length" else "stop")
+                        for sample in output.outputs] for output in outputs]
+        if not all(math.isfinite(x) for group in completions for c in group for x in c.logprobs):
+            self._kv_cache_dirty = True
+        return completions
 
     @contextlib.contextmanager
     def _engine_death_watch(self, poll_s: float = 0.5):
@@ -239,6 +257,9 @@ class VLLMBackend:
             self.llm.collective_rpc("rllib_ext_load_weights", args=(payload,))
             # Cached prefixes were computed with the old weights.
             self.llm.reset_prefix_cache()
+            if self._kv_cache_dirty:  # see WeightSyncExtension.rllib_ext_clear_kv_cache
+                self.llm.collective_rpc("rllib_ext_clear_kv_cache")
+                self._kv_cache_dirty = False
 
     def close(self):
         if self.llm is not None:
