@@ -9,14 +9,13 @@ episodes (generated once by an LLMEnvRunner, transformers backend):
 * ``VCPO exact``: the same with the reference's route, one backward per trajectory (``"loop"``).
 
 The whole ``Learner.update`` is timed (episodes -> batch, forward, backward, optimiser step,
-metrics) as CPU time of this process (``time.process_time``; the learner computes on one
-thread, so this is its compute time without the waits for a core of a shared machine), round
-after round in turn (the order reversed every other round) so the remaining noise hits all
-alike; reported: median time and the median of per-round ratios to GRPO. Each learner lives
-in its own process, as in a training run: learners sharing one process disturb each other's
-heap (glibc returns the memory one learner freed to the OS, and the next learner's step faults
-it in again: measured ~2,500 page faults and +4 ms on the tiny model's 55 ms step, a cost no
-real run pays).
+metrics) as CPU time of the learner's process (``time.process_time``; the learner computes on
+one thread, so this is its compute time without the waits for a core of a shared machine),
+round after round in turn (the order reversed every other round) so the remaining noise hits
+all alike; reported: median time, the median of per-round ratios to GRPO and their quartiles.
+Each learner lives in its own process, as in a training run, so no learner's allocations shape
+another's heap (before the learners kept freed heap memory, sharing one process cost the tiny
+model's step ~2,500 page faults and ~4 ms).
 
 Models: the embedded tiny model (what `make demo` trains: hidden 128, 2 layers, 0.45M
 parameters) at two batch sizes, and an untrained wider Llama with the same tokenizer (hidden
