@@ -22,7 +22,10 @@ MAX_KEEP_BYTES = (1 << 31) - 1
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    libc = ctypes.CDLL(None)
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process
+    except (OSError, TypeError):  # platforms without dlopen(NULL)
+        return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 

@@ -433,7 +433,7 @@ def _ghost_sq_norms(piece: _Factored, workspace: _Workspace) -> torch.Tensor:
     trimmed = piece.trimmed()
     batch, length = trimmed.right.shape[:2]
     if batch * length * length > _GRAM_CHUNK_ELEMENTS:
-        return _ghost_inner(trimmed, trimmed, workspace)
+        return _ghost_inner(trimmed, trimmed)
     left = _left_gram(trimmed, trimmed)
     right = workspace.gram(trimmed.right)  # layers reading the same input share it
     grad_gram = right if trimmed.indexed else left
@@ -441,7 +441,7 @@ def _ghost_sq_norms(piece: _Factored, workspace: _Workspace) -> torch.Tensor:
     return (left * right).sum(dim=(1, 2), dtype=torch.float32)
 
 
-def _ghost_inner(a: _Factored, b: _Factored, workspace: _Workspace) -> torch.Tensor:
+def _ghost_inner(a: _Factored, b: _Factored) -> torch.Tensor:
     """``<G^a_i, G^b_i>_F = sum_{t,s} (left^a_t . left^b_s)(right^a_t . right^b_s)``, ``[B]``,
     in batch chunks that bound the ``[chunk, La, Lb]`` temporaries."""
     batch, la, lb = a.right.shape[0], a.right.shape[1], b.right.shape[1]
@@ -657,7 +657,7 @@ class _ParamGrads:
         for j, a in enumerate(self.factored):
             total = total + _ghost_sq_norms(a, workspace)
             for b in self.factored[j + 1 :]:
-                total = total + 2 * _ghost_inner(a.trimmed(), b.trimmed(), workspace)
+                total = total + 2 * _ghost_inner(a.trimmed(), b.trimmed())
         return total
 
     def finish(self, workspace: _Workspace) -> torch.Tensor | None:
