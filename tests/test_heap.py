@@ -39,8 +39,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(_glibc() is None, reason="the heap policy is glibc's")
 def test_kept_heap_is_not_faulted_in_again():
-    # glibc's malloc: a process started after a vLLM CPU engine inherits its LD_PRELOAD
-    # of tcmalloc, which keeps freed memory anyway.
+    # Plain glibc: a process started after a vLLM CPU engine inherits the LD_PRELOAD it
+    # exports (libgomp, and tcmalloc where vLLM bundles it, which keeps freed memory anyway).
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS, mode], check=True, env=env,
                                        capture_output=True, text=True).stdout)

@@ -406,10 +406,15 @@ class VCPO(Algorithm):
         """Held-out accuracy with the current weights, on one env runner's engine."""
         runner_ids = self.env_runner_group.healthy_env_runner_ids()
         if runner_ids:
-            self._push_weights(runner_ids[:1])
+            # The weights travel with the call: a queued weight push can be refused while the
+            # runner's request queue is full, and the evaluation would see older weights.
+            weights = self._current_weights()
             results = self.env_runner_group.foreach_env_runner(
-                lambda runner: runner.evaluate(), remote_worker_ids=runner_ids[:1],
-                local_env_runner=False, timeout_seconds=self.config.sample_timeout_s)
+                lambda runner, ref=weights: (runner.set_state(ray.get(ref)), runner.evaluate())[1],
+                remote_worker_ids=runner_ids[:1], local_env_runner=False,
+                timeout_seconds=self.config.sample_timeout_s)
+            self._sent_version[runner_ids[0]] = max(self._sent_version.get(runner_ids[0], -1),
+                                                    self._staleness.learner_version)
             if not results:
                 raise TimeoutError(
                     f"env runner {runner_ids[0]}: evaluate() has not returned after "
