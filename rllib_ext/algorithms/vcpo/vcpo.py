@@ -202,6 +202,12 @@ class VCPOConfig(LLMRolloutConfig):
                     "venv-gpu), or on CPU use tuned_examples/vcpo_math_tiny.yaml.")
 
 
+def _evaluate_with(runner, weights_ref) -> dict:
+    """On an env runner: load ``weights_ref`` (if newer than its own), then evaluate."""
+    runner.set_state(ray.get(weights_ref))
+    return runner.evaluate()
+
+
 class VCPO(Algorithm):
     """Asynchronous VCPO training loop (see the module docstring)."""
 
@@ -410,17 +416,17 @@ class VCPO(Algorithm):
             # runner's request queue is full, and the evaluation would see older weights.
             weights = self._current_weights()
             results = self.env_runner_group.foreach_env_runner(
-                lambda runner, ref=weights: (runner.set_state(ray.get(ref)), runner.evaluate())[1],
+                lambda runner, ref=weights: _evaluate_with(runner, ref),
                 remote_worker_ids=runner_ids[:1], local_env_runner=False,
                 timeout_seconds=self.config.sample_timeout_s)
-            self._sent_version[runner_ids[0]] = max(self._sent_version.get(runner_ids[0], -1),
-                                                    self._staleness.learner_version)
             if not results:
                 raise TimeoutError(
                     f"env runner {runner_ids[0]}: evaluate() has not returned after "
                     f"{self.config.sample_timeout_s:.0f} s (limit sample_timeout_s). Fix: look "
                     "at that env runner's log; lower eval_num_problems or raise the limit.")
             [result] = results
+            self._sent_version[runner_ids[0]] = max(self._sent_version.get(runner_ids[0], -1),
+                                                    self._staleness.learner_version)
         else:
             result = self.env_runner.evaluate()
         result["policy_version"] = self._staleness.learner_version
