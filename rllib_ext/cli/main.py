@@ -83,7 +83,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train.add_argument("--num-cpus", type=int, metavar="N",
                        help="CPUs for the local Ray instance (default: all)")
     train.add_argument("-v", "--verbose", action="count", default=0,
-                       help="also show Tune's own status tables (-v, -vv)")
+                       help="also show the output of vLLM, Ray workers and libraries (else only "
+                            "in rllib.log in the trial directory) and Tune's status tables "
+                            "(-v, -vv)")
     train.add_argument("--dry-run", action="store_true",
                        help="validate the experiment(s) and print what would run; start nothing")
 
@@ -126,7 +128,8 @@ def _experiments_from_args(args) -> list:
 
 def _train(args) -> int:
     experiments = _experiments_from_args(args)
-    from rllib_ext.cli.tune_runner import find_checkpoint, init_ray, run_experiment
+    from rllib_ext.cli.run_log import RunLog
+    from rllib_ext.cli.tune_runner import find_checkpoint
 
     restore = find_checkpoint(args.restore) if args.restore else None
     if args.dry_run:
@@ -135,7 +138,17 @@ def _train(args) -> int:
                   f"{experiment.param_space.get('env')}, stop {experiment.stop or 'never'}, "
                   f"{len(experiment.param_space)} config keys ({experiment.source}): valid")
         return 0
-    init_ray(args.num_cpus, args.verbose)
+    run_log = RunLog(args.verbose)
+    try:
+        return _run_experiments(experiments, args, restore, run_log)
+    finally:
+        run_log.close()
+
+
+def _run_experiments(experiments, args, restore, run_log) -> int:
+    from rllib_ext.cli.tune_runner import init_ray, run_experiment
+
+    init_ray(run_log, args.num_cpus)
     failed = 0
     for experiment in experiments:
         print(f"== {experiment.name}: {experiment.algo_name} on "
@@ -143,8 +156,8 @@ def _train(args) -> int:
         if restore:
             print(f"   restoring from {restore}", flush=True)
         outcomes = run_experiment(
-            experiment, storage_path=args.storage_path, checkpoint_freq=args.checkpoint_freq,
-            restore=restore, num_samples=args.num_samples, verbose=min(args.verbose, 3))
+            experiment, run_log, storage_path=args.storage_path,
+            checkpoint_freq=args.checkpoint_freq, restore=restore, num_samples=args.num_samples)
         for outcome in outcomes:
             print(f"   trial {outcome.name}: {outcome.status} after {outcome.iterations} "
                   f"iterations; dir {outcome.trial_dir}", flush=True)
@@ -155,6 +168,8 @@ def _train(args) -> int:
                 failed += 1
         if outcomes:
             print(f"   tensorboard --logdir {os.path.dirname(outcomes[0].trial_dir)}", flush=True)
+    print(f"   full log (vLLM, Ray workers; -v shows it here): {', '.join(run_log.paths())}",
+          flush=True)
     return 1 if failed else 0
 
 

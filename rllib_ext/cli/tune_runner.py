@@ -16,6 +16,7 @@ from pathlib import Path
 from rllib_ext import registry
 from rllib_ext.cli.errors import CLIError
 from rllib_ext.cli.experiment import Experiment
+from rllib_ext.cli.run_log import RunLog
 
 DEFAULT_STORAGE_PATH = os.path.expanduser("~/ray_results")
 
@@ -56,22 +57,26 @@ def find_checkpoint(path: str) -> str:
     return str(max(candidates, key=lambda p: p.stat().st_mtime).resolve())
 
 
-def init_ray(num_cpus: int | None = None, verbose: int = 0) -> None:
+def init_ray(run_log: RunLog, num_cpus: int | None = None) -> None:
+    """Start the local Ray instance with the run's output going through ``run_log``."""
     import ray
 
     # Relative paths in configs (datasets, model dirs) must keep meaning the user's directory.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    if verbose == 0:
+    if run_log.verbose == 0:
         # Tune's newer console output ignores verbose=0; our ProgressPrinter replaces it.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING")
+                 logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook":
+                              "rllib_ext.cli.run_log.setup_worker_logging"})
+    run_log.attach()
 
 
-def run_experiment(experiment: Experiment, *, storage_path: str | None = None,
+def run_experiment(experiment: Experiment, run_log: RunLog, *, storage_path: str | None = None,
                    checkpoint_freq: int | None = None, restore: str | None = None,
-                   num_samples: int | None = None, verbose: int = 0) -> list[TrialOutcome]:
+                   num_samples: int | None = None) -> list[TrialOutcome]:
     from ray import tune
 
     from rllib_ext.cli.progress import ProgressPrinter
@@ -79,6 +84,7 @@ def run_experiment(experiment: Experiment, *, storage_path: str | None = None,
     registry.register_project_envs()
     storage = os.path.abspath(os.path.expanduser(
         storage_path or experiment.storage_path or DEFAULT_STORAGE_PATH))
+    run_log.start_experiment(os.path.join(storage, experiment.name))
     frequency = experiment.checkpoint_freq if checkpoint_freq is None else checkpoint_freq
     analysis = tune.run(
         experiment.algo_class,
@@ -90,8 +96,9 @@ def run_experiment(experiment: Experiment, *, storage_path: str | None = None,
         checkpoint_config=tune.CheckpointConfig(
             checkpoint_frequency=frequency, checkpoint_at_end=experiment.checkpoint_at_end),
         restore=restore,
-        callbacks=[ProgressPrinter(getattr(experiment.algo_class, "progress_metrics", ()))],
-        verbose=verbose,
+        callbacks=[ProgressPrinter(getattr(experiment.algo_class, "progress_metrics", ())),
+                   run_log],
+        verbose=min(run_log.verbose, 3),
         raise_on_failed_trial=False,
     )
     outcomes = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Collection
 from typing import Any
 
@@ -331,5 +332,9 @@ def hf_state_dict_from_module_state(module_state: dict) -> dict[str, torch.Tenso
     """RLModule state (``model.``-prefixed names, numpy or torch values) -> the Hugging Face
     model's state dict."""
     prefix = "model."
-    return {name[len(prefix):] if name.startswith(prefix) else name: torch.as_tensor(np.asarray(value))
-            for name, value in module_state.items()}
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only, which torch warns about; the engine
+        # copies these tensors into its own parameters and never writes to them.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return {name[len(prefix):] if name.startswith(prefix) else name:
+                torch.as_tensor(np.asarray(value)) for name, value in module_state.items()}

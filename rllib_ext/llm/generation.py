@@ -175,6 +175,10 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.platforms import current_platform
 
+        from rllib_ext.llm.vllm_logs import drop_expected_vllm_messages
+
+        drop_expected_vllm_messages()
+
         if in_process == "auto":
             in_process = current_platform.is_cpu()
         # Read by vLLM when the engine is built.
