@@ -41,6 +41,7 @@ def measure(kind: str, in_process, rounds: int, sync_repeats: int, queue) -> Non
     import numpy as np
     import torch
 
+    from rllib_ext import registry
     from rllib_ext.algorithms.vcpo.vcpo import VCPOConfig
     from rllib_ext.llm.env_runner import LLMEnvRunner, hf_state_dict_from_module_state
     from rllib_ext.llm.generation import SamplingSettings
@@ -52,6 +53,7 @@ def measure(kind: str, in_process, rounds: int, sync_repeats: int, queue) -> Non
                             prompts_per_sample=16, num_generations=8, max_prompt_tokens=16,
                             max_response_tokens=32)
               .debugging(seed=0))
+    registry.register_project_envs()
     started = time.perf_counter()
     runner = LLMEnvRunner(config=config, worker_index=0, num_workers=0)
     result = {"startup_s": time.perf_counter() - started}
@@ -71,7 +73,7 @@ def measure(kind: str, in_process, rounds: int, sync_repeats: int, queue) -> Non
         r * len(episodes) / tokens for r in rates)
 
     # The backend alone.
-    prompts = runner.env.prompt_ids[:64]
+    prompts = [prompt.token_ids for prompt in runner.env.prompts[:64]]
     workloads = {"fixed": SamplingSettings(n=8, temperature=1.0, max_tokens=32, min_tokens=32),
                  "variable": SamplingSettings(n=8, temperature=1.0, max_tokens=128)}
     for name, sampling in workloads.items():

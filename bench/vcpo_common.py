@@ -32,8 +32,10 @@ def tiny_config(**overrides):
 
 def local_runner(config):
     """A local LLMEnvRunner (its vLLM engine core in a child process)."""
+    from rllib_ext import registry
     from rllib_ext.llm.env_runner import LLMEnvRunner
 
+    registry.register_project_envs()
     config = config.copy(copy_frozen=False).env_runners(num_env_runners=0)
     return LLMEnvRunner(config=config, worker_index=0, num_workers=0)
 

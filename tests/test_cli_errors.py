@@ -166,7 +166,7 @@ def test_restore_path_not_found(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     code, err = run_main(capsys, "train", "file", path, "--restore", str(tmp_path / "ckpt"))
     assert code == 2
-    assert "restore path not found" in err
+    assert "checkpoint path not found" in err and "--restore" in err
 
 
 def test_restore_dir_without_checkpoint(tmp_path, capsys):

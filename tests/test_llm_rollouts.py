@@ -15,13 +15,9 @@ from rllib_ext.llm.causal_lm_module import (
     pack_prompt_response,
     token_spaces,
 )
-from rllib_ext.llm.env_runner import (
-    BEHAVIOUR_LOGP,
-    GROUP_ID,
-    PROMPT_LENGTH,
-    RESPONSE_LENGTH,
-    LLMEnvRunner,
-)
+from envs.math.env import MathEnv
+from rllib_ext.llm.columns import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
+from rllib_ext.llm.env_runner import LLMEnvRunner
 from rllib_ext.llm.generation import SamplingSettings, TransformersBackend
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
 from rllib_ext.llm.tiny import PAD_ID, TINY_ARITHMETIC_DATASET
@@ -33,7 +29,7 @@ def rollout_config(**overrides):
     settings = dict(prompts_per_sample=6, num_generations=N, max_response_tokens=6)
     settings.update(overrides)
     return (LLMRolloutConfig()
-            .environment("MathEnv", env_config={"dataset": TINY_ARITHMETIC_DATASET})
+            .environment(MathEnv, env_config={"dataset": TINY_ARITHMETIC_DATASET})
             .llm_rollouts(**settings).debugging(seed=3))
 
 
@@ -98,6 +94,18 @@ def test_episodes_carry_groups_rewards_versions_and_logprobs(ray_session, runner
     metrics = ray_session.get(runner.get_metrics.remote())
     assert metrics["num_env_steps_sampled"].peek() == 6 * N
     assert 0.0 <= metrics["accuracy"].peek() <= 1.0 and metrics["tokens_per_s"].peek() > 0
+    # the rollout statistics, checked against the episodes themselves
+    rewards = np.array([e.get_rewards(0) for e in episodes]).reshape(6, N)
+    lengths = [int(e.get_extra_model_outputs(RESPONSE_LENGTH, 0)) for e in episodes]
+    assert metrics["accuracy"].peek() == metrics["rewards"]["math_answer"].peek() == \
+        rewards.mean()
+    assert np.isclose(metrics["reward_std"].peek(), rewards.std(axis=1).mean())
+    assert metrics["fraction_groups_one_reward"].peek() == \
+        np.mean([len(set(group)) == 1 for group in rewards])
+    assert (metrics["response_length_min"].peek(), metrics["response_length_max"].peek()) == \
+        (min(lengths), max(lengths))
+    [table] = metrics["completions"].peek()
+    assert len(table.splitlines()) == 2 + 8 and "| prompt | completion | reward | math_answer |" in table
 
 
 def test_weight_sync_then_vllm_logprobs_equal_rlmodule(ray_session, runner, module):
@@ -170,15 +178,14 @@ def test_transformers_backend_logprobs_equal_rlmodule(tiny_model_path, module):
 
 
 def test_vllm_and_transformers_agree_on_greedy_accuracy(ray_session, runner, tiny_model_path):
-    from envs.math.env import MathEnv
-    from rllib_ext.llm.evaluation import evaluate_accuracy
+    from rllib_ext.llm.evaluation import evaluate_task
 
     env = MathEnv({"dataset": TINY_ARITHMETIC_DATASET, "split": "test",
                    "tokenizer": tiny_model_path, "shuffle": False})
-    reference = evaluate_accuracy(TransformersBackend(tiny_model_path), env, num_problems=100,
-                                  max_tokens=6)
+    reference = evaluate_task(TransformersBackend(tiny_model_path), env, num_problems=100,
+                              max_tokens=6)
     engine = ray_session.get(runner.evaluate.remote(num_problems=100))  # weights = original
-    assert engine["accuracy"] == reference["accuracy"]
+    assert engine["accuracy"] == reference["accuracy"] == reference["reward_mean"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -198,9 +205,8 @@ def test_bad_rollout_settings_are_refused(overrides, message):
 
 
 def test_prompts_longer_than_the_observation_are_refused_clearly(tiny_model_path):
-    from envs.math.env import MathEnv
-
-    with pytest.raises(ValueError, match="raise env_config.max_prompt_tokens"):
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens=3.*raise "
+                                         "max_prompt_tokens"):
         MathEnv({"dataset": TINY_ARITHMETIC_DATASET, "tokenizer": tiny_model_path,
                  "max_prompt_tokens": 3})
 

@@ -47,9 +47,7 @@ def test_tokenizer_round_trip_and_model_loads(tiny_model_path):
 
 
 def tiny_problem(question, answer):
-    from envs.math.datasets import MathProblem
-
-    return MathProblem(uid="t/0", question=question, answer=answer)
+    return {"uid": "t/0", "prompt": question, "answer": answer}
 
 
 def test_resolve_model(tmp_path, tiny_model_path):
@@ -58,3 +56,5 @@ def test_resolve_model(tmp_path, tiny_model_path):
     assert tiny.resolve_model("Qwen/Qwen2-1.5B-Instruct") == "Qwen/Qwen2-1.5B-Instruct"
     with pytest.raises(ValueError, match="has no config.json"):
         tiny.resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="model directory './no/such/model' does not exist"):
+        tiny.resolve_model("./no/such/model")

@@ -57,13 +57,13 @@ def test_tiny_recipe_raises_heldout_accuracy_and_logs_everything(cli, tiny_model
     assert 0 < learner["ess_ratio"] <= 1 and learner["staleness_mean"] <= 4
     assert last["vcpo"]["policy_version"] == 150  # 15 iterations x 10 updates
     tags = tensorboard_tags(trial)
-    for tag in ("ray/tune/learners/default_policy/ess_ratio",
-                "ray/tune/learners/default_policy/effective_lr",
-                "ray/tune/learners/default_policy/staleness",
-                "ray/tune/learners/__all_modules__/grad_norm",
-                "ray/tune/env_runners/accuracy", "ray/tune/env_runners/tokens_per_s",
-                "ray/tune/evaluation/accuracy", "ray/tune/vcpo/samples_per_s",
-                "ray/tune/vcpo/learner_busy_fraction"):
+    for tag in ("learners/default_policy/ess_ratio",
+                "learners/default_policy/effective_lr",
+                "learners/default_policy/staleness",
+                "learners/__all_modules__/grad_norm",
+                "env_runners/accuracy", "env_runners/tokens_per_s",
+                "evaluation/accuracy", "vcpo/samples_per_s",
+                "vcpo/learner_busy_fraction"):
         assert tag in tags, (tag, sorted(t for t in tags if "learners" in t)[:40])
 
 

@@ -51,13 +51,13 @@ def finetuned_state(model_path: str, target: str, eos: bool, steps: int = 60) ->
     with ``target`` (followed by <eos> if ``eos``): a real policy with a chosen behaviour."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from envs.math.datasets import load_problems
+    from envs.math.datasets import load_rows
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = load_problems(TINY_ARITHMETIC_DATASET, "train").problems[:64]
+    problems = load_rows(TINY_ARITHMETIC_DATASET, "train").rows[:64]
     answer = tokenizer(target, add_special_tokens=False).input_ids + ([EOS_ID] if eos else [])
-    rows = [tokenizer(p.question).input_ids for p in problems]
+    rows = [tokenizer(p["prompt"]).input_ids for p in problems]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         length = max(len(r) for r in rows) + len(answer)

@@ -1,6 +1,7 @@
-"""Math reasoning tasks: problem datasets (synthetic arithmetic, GSM8K, MATH) and answer checking."""
+"""Math reasoning tasks: prompt datasets (synthetic arithmetic, GSM8K, MATH, user files and hub
+datasets), answer checking, the built-in math reward, and MathEnv (an LLM task)."""
 
-from envs.math.datasets import DatasetError, LoadedDataset, MathProblem, load_problems
+from envs.math.datasets import DatasetError, LoadedDataset, load_rows
 from envs.math.grading import STYLES, AnswerChecker, Grade, extract_answer
 
 __all__ = [
@@ -9,7 +10,6 @@ __all__ = [
     "DatasetError",
     "Grade",
     "LoadedDataset",
-    "MathProblem",
     "extract_answer",
-    "load_problems",
+    "load_rows",
 ]

@@ -1,96 +1,122 @@
-"""Math problems: the embedded arithmetic task, GSM8K and MATH from local files or the HF hub.
+"""Prompt datasets: the embedded arithmetic task, GSM8K, MATH, and any file or hub dataset of
+rows with a prompt column or chat messages.
 
-``load_problems(config, split)``; ``config["name"]`` is "arithmetic", "gsm8k" or "math".
-Every problem carries a stable uid ``"<name>/<split>/<index in source order>"``.
+``load_rows(config, split)`` returns the rows of one split. A row is a dict: ``uid`` (stable,
+``"<name>/<split>/<index in the source>"``), ``prompt`` (text, or a chat conversation: a list
+of ``{"role", "content"}`` messages), ``answer`` (the gold answer, where the data has one) and,
+for files and hub datasets, every other column of the source row (reward functions receive
+them). Files are read with Hugging Face ``datasets``.
+
+Which rows form a split:
+- arithmetic: generated; a hash of the question decides its split (``test_fraction``).
+- a single file: the file is the "train" split. ``test_fraction`` holds out that share of its
+  rows (chosen by a hash of the prompt, so repeated prompts stay on one side) as "test"; without
+  it the file has no other split, so an evaluation split is refused rather than silently equal
+  to the training data.
+- a directory: ``<split>.jsonl|.json|.parquet`` in it; a hub id: the hub dataset's splits.
+  With ``test_fraction`` both splits come from the "train" split, as for a single file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from envs.math.grading import hashes_answer, last_boxed_content
-
-
-@dataclass(frozen=True)
-class MathProblem:
-    uid: str  # "<dataset>/<split>/<index>" (index in the source order)
-    question: str  # the question text, no prompt template applied
-    answer: str  # gold final answer, parseable by math-verify ("72", "\\frac{1}{2}", ...)
+from envs.validation import ConfigError, check_known_keys
+from rllib_ext.llm.columns import ANSWER, MESSAGES, PROMPT, UID
 
 
 @dataclass
 class LoadedDataset:
-    problems: list[MathProblem]
+    rows: list[dict]
     source: str  # file path or hub id ("arithmetic" for the synthetic task)
     skipped_rows: int = 0  # malformed rows skipped (only with on_bad_row="skip")
+    notes: list[str] = field(default_factory=list)  # what the loader decided, for the user
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
     """Bad dataset configuration or data; the message names the key/file/row and the fix."""
+
+    def __init__(self, problem: str, fix: str, key: str = "dataset"):
+        super().__init__(key, problem, fix)
 
 
 ARITHMETIC_DEFAULTS = {"min_operand": 0, "max_operand": 29, "ops": "+", "num_operands": 2,
-                       "test_fraction": 0.1, "split_seed": 0, "max_problems": None}
+                       "test_fraction": None, "split_seed": 0, "max_problems": None}
+ARITHMETIC_TEST_FRACTION = 0.1
 ARITHMETIC_SPLITS = ("train", "test")
 ARITHMETIC_OPS = "+-*"
 # Above this many combinations (or max_problems) the arithmetic task is sampled, not enumerated.
 ARITHMETIC_ENUMERATION_CAP = 100_000
 
-FILE_DATASET_KEYS = ("path", "subset", "question_field", "answer_field", "answer_format",
-                     "on_bad_row")
+COMMON_KEYS = ("name", "limit", "test_fraction", "split_seed")
+FILE_KEYS = ("path", "subset", "prompt_field", "answer_field", "answer_format", "on_bad_row")
 ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-# name -> default question field, default answer field (None: per row, see _answer_field),
-# default hub subset.
-_FILE_DATASETS = {"gsm8k": ("question", "answer", "main"), "math": ("problem", None, None)}
+# Named file datasets: name -> (prompt field, answer field (None: per row, see
+# _answer_field), answer format (None: per row), default hub subset).
+NAMED_FILE_DATASETS = {"gsm8k": ("question", "answer", "gsm8k", "main"),
+                       "math": ("problem", None, None, None)}
+# Without a name, a dataset with a path is plain rows: prompt and answer columns as they are.
+ROWS = "rows"
+DATASET_NAMES = ("arithmetic", *NAMED_FILE_DATASETS, ROWS)
 
 
-def load_problems(config: Mapping, split: str) -> LoadedDataset:
+def dataset_name(config: Mapping) -> str:
+    """The dataset's kind: its ``name``, else "rows" when it has a ``path``, else arithmetic."""
+    return config.get("name") or (ROWS if config.get("path") else "arithmetic")
+
+
+def load_rows(config: Mapping, split: str) -> LoadedDataset:
     """Load one split of the dataset ``config`` describes (see the module docstring).
 
-    Common keys: ``name``; ``limit`` (keep the first N problems).
-    arithmetic: ``min_operand, max_operand, ops, num_operands, test_fraction, split_seed,
-    max_problems`` (defaults in ARITHMETIC_DEFAULTS).
-    gsm8k / math: ``path`` (a .jsonl/.json/.parquet file, a directory holding
+    Common keys: ``name`` ("arithmetic", "gsm8k", "math"; none for plain rows), ``limit``
+    (keep the first N rows), ``test_fraction`` and ``split_seed`` (hold-out share and its hash
+    seed). arithmetic: ``min_operand, max_operand, ops, num_operands, max_problems``.
+    Files and hub datasets: ``path`` (a .jsonl/.json/.parquet file, a directory holding
     ``<split>.jsonl|.json|.parquet``, or a hub id), ``subset`` (hub config name),
-    ``question_field``, ``answer_field``, ``answer_format`` ("gsm8k": after the last "####",
-    "boxed": last \\boxed{} of a solution, "plain": the field is the answer) and
+    ``prompt_field`` (default "prompt", else "messages"; gsm8k "question", math "problem"),
+    ``answer_field`` (default "answer" where present), ``answer_format`` ("gsm8k": after the
+    last "####", "boxed": last \\boxed{} of a solution, "plain": the field is the answer) and
     ``on_bad_row`` ("error" or "skip").
     """
     if not isinstance(config, Mapping):
-        raise DatasetError(f"the dataset config must be a mapping with a 'name' key, "
-                           f"got {type(config).__name__}")
-    name = config.get("name")
-    if name == "arithmetic":
-        allowed = tuple(ARITHMETIC_DEFAULTS)
-    elif name in _FILE_DATASETS:
-        allowed = FILE_DATASET_KEYS
-    else:
-        raise DatasetError(f"dataset name {name!r} is unknown; set 'name' to one of "
-                           f"'arithmetic', 'gsm8k', 'math'")
-    unknown = sorted(set(config) - {"name", "limit", *allowed})
-    if unknown:
-        raise DatasetError(f"unknown key(s) {unknown} in the '{name}' dataset config; "
-                           f"allowed keys: name, limit, {', '.join(allowed)}")
+        raise DatasetError(f"must be a mapping such as {{name: arithmetic}} or {{path: "
+                           f"data.jsonl}}, got {type(config).__name__}",
+                           "write the dataset as a mapping")
+    name = dataset_name(config)
+    if name not in DATASET_NAMES:
+        raise DatasetError(f"name {name!r} is unknown",
+                           "set name to 'arithmetic', 'gsm8k' or 'math', or leave it out and set "
+                           "path for a file of rows with a prompt column", key="dataset.name")
+    allowed = (*COMMON_KEYS, *(ARITHMETIC_DEFAULTS if name == "arithmetic" else FILE_KEYS))
+    check_known_keys(config, allowed, f"the {name} dataset", prefix="dataset.")
     limit = config.get("limit")
     if limit is not None and (not _is_int(limit) or limit < 1):
-        raise DatasetError(f"limit must be a positive integer (or absent), got {limit!r}")
+        raise DatasetError(f"got {limit!r}", "use a positive integer (or leave it out)",
+                           key="dataset.limit")
+    fraction = config.get("test_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(
+            fraction, (int, float)) or not 0 < fraction < 1):
+        raise DatasetError(f"got {fraction!r}", "use a number in (0, 1), e.g. 0.1",
+                           key="dataset.test_fraction")
     if not isinstance(split, str) or not split:
-        raise DatasetError(f"split must be a non-empty string such as 'train', got {split!r}")
+        raise DatasetError(f"split must be a non-empty string such as 'train', got {split!r}",
+                           "set split to 'train' or 'test'", key="split")
 
-    if name == "arithmetic":
-        loaded = _load_arithmetic(config, split)
-    else:
-        loaded = _load_file_dataset(config, split)
+    loaded = _load_arithmetic(config, split) if name == "arithmetic" \
+        else _load_file_dataset(name, config, split)
     if limit is not None:
-        loaded.problems = loaded.problems[:limit]
+        loaded.rows = loaded.rows[:limit]
     return loaded
 
 
@@ -123,35 +149,34 @@ def _unit_hash(seed: int, text: str) -> float:
 def arithmetic_knobs(config: Mapping) -> dict:
     """The arithmetic knobs with defaults filled in, validated (DatasetError naming the key)."""
     knobs = {**ARITHMETIC_DEFAULTS, **{k: config[k] for k in ARITHMETIC_DEFAULTS if k in config}}
+    if knobs["test_fraction"] is None:
+        knobs["test_fraction"] = ARITHMETIC_TEST_FRACTION
     for key in ("min_operand", "max_operand", "num_operands", "split_seed"):
         if not _is_int(knobs[key]):
-            raise DatasetError(f"arithmetic {key} must be an integer, got {knobs[key]!r}")
+            raise DatasetError(f"got {knobs[key]!r}", "use an integer", key=f"dataset.{key}")
     if knobs["min_operand"] < 0:
-        raise DatasetError(f"arithmetic min_operand must be >= 0 (use ops '-' for negative "
-                           f"answers), got {knobs['min_operand']}")
+        raise DatasetError(f"got {knobs['min_operand']}", "use an integer >= 0 (ops '-' gives "
+                           "negative answers)", key="dataset.min_operand")
     if knobs["max_operand"] < knobs["min_operand"]:
-        raise DatasetError(f"arithmetic max_operand ({knobs['max_operand']}) is below "
-                           f"min_operand ({knobs['min_operand']}); set max_operand >= min_operand")
+        raise DatasetError(f"{knobs['max_operand']} is below min_operand "
+                           f"({knobs['min_operand']})", "set max_operand >= min_operand",
+                           key="dataset.max_operand")
     if knobs["num_operands"] < 2:
-        raise DatasetError(f"arithmetic num_operands must be >= 2, got {knobs['num_operands']}")
+        raise DatasetError(f"got {knobs['num_operands']}", "use an integer >= 2",
+                           key="dataset.num_operands")
     ops = knobs["ops"]
     if not isinstance(ops, str) or not ops or set(ops) - set(ARITHMETIC_OPS):
-        raise DatasetError(f"arithmetic ops must be a non-empty string of characters from "
-                           f"'{ARITHMETIC_OPS}' (e.g. '+-'), got {ops!r}")
+        raise DatasetError(f"got {ops!r}", f"use a non-empty string of characters from "
+                           f"'{ARITHMETIC_OPS}' (e.g. '+-')", key="dataset.ops")
     knobs["ops"] = "".join(sorted(set(ops), key=ARITHMETIC_OPS.index))
-    fraction = knobs["test_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0 < fraction < 1:
-        raise DatasetError(f"arithmetic test_fraction must be a number in (0, 1), "
-                           f"got {fraction!r}")
     cap = knobs["max_problems"]
     if cap is not None and (not _is_int(cap) or cap < 2):
-        raise DatasetError(f"arithmetic max_problems must be an integer >= 2 (one problem per "
-                           f"split at least) or absent, got {cap!r}")
+        raise DatasetError(f"got {cap!r}", "use an integer >= 2 (one problem per split at "
+                           "least) or leave it out", key="dataset.max_problems")
     return knobs
 
 
-def arithmetic_splits(knobs: Mapping) -> dict[str, list[MathProblem]]:
+def arithmetic_splits(knobs: Mapping) -> dict[str, list[dict]]:
     """Both splits of the arithmetic task for validated ``knobs``.
 
     Problem i of the combination space has operands given by the base-(max-min+1) digits of
@@ -170,7 +195,7 @@ def arithmetic_splits(knobs: Mapping) -> dict[str, list[MathProblem]]:
     cap = knobs["max_problems"] if knobs["max_problems"] is not None \
         else ARITHMETIC_ENUMERATION_CAP
     if total < 2:
-        raise DatasetError("the arithmetic task has a single problem; widen "
+        raise DatasetError("the arithmetic task has a single problem", "widen "
                            "min_operand..max_operand or add ops so that both splits get one")
     if total <= cap:
         indices = range(total)
@@ -197,13 +222,13 @@ def arithmetic_splits(knobs: Mapping) -> dict[str, list[MathProblem]]:
     test_size = sum(h < knobs["test_fraction"] for h, *_ in problems)
     test_size = min(max(test_size, 1), len(problems) - 1)
     parts = {"test": problems[:test_size], "train": problems[test_size:]}
-    return {split: [MathProblem(f"arithmetic/{split}/{index}", question, answer)
+    return {split: [{UID: f"arithmetic/{split}/{index}", PROMPT: question, ANSWER: answer}
                     for _, index, question, answer in parts[split]]
             for split in ARITHMETIC_SPLITS}
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_arithmetic_splits(knob_items: tuple) -> dict[str, list[MathProblem]]:
+def _cached_arithmetic_splits(knob_items: tuple) -> dict[str, list[dict]]:
     # An env loads "train" and "test" separately; both come from one generation.
     return arithmetic_splits(dict(knob_items))
 
@@ -211,14 +236,14 @@ def _cached_arithmetic_splits(knob_items: tuple) -> dict[str, list[MathProblem]]
 def _load_arithmetic(config: Mapping, split: str) -> LoadedDataset:
     knobs = arithmetic_knobs(config)
     if split not in ARITHMETIC_SPLITS:
-        raise DatasetError(f"split {split!r} is unknown for the arithmetic dataset; use "
-                           f"'train' or 'test'")
+        raise DatasetError(f"split {split!r} is unknown for the arithmetic dataset",
+                           "use 'train' or 'test'", key="split")
     splits = _cached_arithmetic_splits(tuple(sorted(knobs.items())))
-    return LoadedDataset(list(splits[split]), "arithmetic")
+    return LoadedDataset([dict(row) for row in splits[split]], "arithmetic")
 
 
 # ---------------------------------------------------------------------------------------------
-# GSM8K / MATH files and hub datasets
+# Files and hub datasets
 
 
 class _BadRow(Exception):
@@ -229,8 +254,26 @@ class _BadRow(Exception):
         self.problem, self.fix = problem, fix
 
 
-def _resolve_path(name: str, path: str, split: str) -> Path | None:
-    """The local file to read, or None when ``path`` is a hub id."""
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or error logs from ``datasets``: its failures become DatasetErrors."""
+    import datasets
+
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _local_file(name: str, path: str, split: str) -> Path | None:
+    """The local file holding ``split``, or None when ``path`` is a hub id."""
     local = Path(os.path.expanduser(path))
     if local.is_dir():
         for suffix in FILE_SUFFIXES:
@@ -238,83 +281,62 @@ def _resolve_path(name: str, path: str, split: str) -> Path | None:
                 return local / f"{split}{suffix}"
         found = sorted(p.name for p in local.iterdir())[:20]
         raise DatasetError(
-            f"{name} dataset directory {str(local)!r} has no file for split {split!r} "
-            f"(looked for {', '.join(split + s for s in FILE_SUFFIXES)}; found {found}); "
-            f"add the file, request one of the splits present, or set path to a file")
+            f"directory {str(local)!r} has no file for split {split!r} (looked for "
+            f"{', '.join(split + s for s in FILE_SUFFIXES)}; found {found})",
+            "add the file, or set dataset.test_fraction to hold out part of train",
+            key="dataset.path")
     if local.is_file():
         if local.suffix not in FILE_SUFFIXES:
-            raise DatasetError(f"{name} dataset file {str(local)!r} has an unsupported "
-                               f"suffix; use one of {', '.join(FILE_SUFFIXES)}")
+            raise DatasetError(f"{str(local)!r} has an unsupported suffix",
+                               f"use one of {', '.join(FILE_SUFFIXES)}", key="dataset.path")
+        if split != "train":
+            raise DatasetError(
+                f"{str(local)!r} is a single file: it is the 'train' split, and the {split!r} "
+                "split would be the same rows (held-out accuracy would be training accuracy)",
+                "set dataset.test_fraction (e.g. 0.1) to hold out a share of its rows, or point "
+                "path at a directory with train and test files", key="dataset.path")
         return local
-    if path.startswith(("/", ".", "~")) or path.endswith(FILE_SUFFIXES):
-        raise DatasetError(f"{name} dataset path {path!r} does not exist (relative paths "
-                           f"resolve against {os.getcwd()!r}); fix 'path'")
+    if path.startswith(("/", ".", "~")) or path.endswith(FILE_SUFFIXES) or path.count("/") > 1:
+        raise DatasetError(f"{path!r} does not exist (relative paths resolve against "
+                           f"{os.getcwd()!r})", "fix the path", key="dataset.path")
     return None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            location = f"line {line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield location, _BadRow("is not valid UTF-8", "re-encode the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield location, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield location, _BadRow(f"is not valid JSON ({e.msg} at column {e.colno})",
-                                        "write one JSON object per line")
+def _read_local(path: Path) -> list[dict]:
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    with _quiet_datasets() as datasets:
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+        except Exception as e:
+            cause = e.__cause__ or e
+            hint = ("write one JSON object per line, with the same type for a column in every "
+                    "row (.jsonl), or a JSON array of such objects (.json)" if builder == "json"
+                    else "check that the file is a valid parquet table")
+            raise DatasetError(f"could not read {str(path)!r}: {cause} (rows count from 0)",
+                               hint, key="dataset.path") from None
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{str(path)!r} is not a valid UTF-8 JSON file ({e}); for one "
-                           f"object per line use the .jsonl suffix") from e
-    if not isinstance(data, list):
-        raise DatasetError(f"{str(path)!r} must hold a JSON array of row objects, found "
-                           f"{type(data).__name__}; for one object per line use .jsonl")
-    for index, row in enumerate(data):
-        yield f"row {index}", row
+def _read_hub(name: str, hub_id: str, subset: str | None, split: str) -> list[dict]:
+    with _quiet_datasets() as datasets:
+        try:
+            return datasets.load_dataset(hub_id, subset, split=split).to_list()
+        except Exception as e:
+            raise DatasetError(
+                f"could not load the {name} dataset {hub_id!r} (subset {subset!r}, split "
+                f"{split!r}) from the Hugging Face hub: {e}",
+                "check path, subset and the split, or set path to a local .jsonl/.json/.parquet "
+                "file", key="dataset.path") from None
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
-    import pyarrow.parquet
-
-    try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
-    except Exception as e:
-        raise DatasetError(f"could not read parquet file {str(path)!r}: {e}") from e
-    for index, row in enumerate(rows):
-        yield f"row {index}", row
-
-
-def _hub_rows(name: str, hub_id: str, subset: str | None, split: str):
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(hub_id, subset, split=split)
-    except Exception as e:
-        raise DatasetError(
-            f"could not load {name} dataset {hub_id!r} (subset {subset!r}, split {split!r}) "
-            f"from the Hugging Face hub: {e}; check 'path', 'subset' and the split, or set "
-            f"path to a local .jsonl/.json/.parquet file") from e
-    return ((f"row {index}", row) for index, row in enumerate(dataset))
-
-
-def _field_text(row: Mapping, key: str, role: str) -> str:
-    """Non-empty text of ``row[key]`` (numbers are accepted for answers)."""
-    if key not in row:
-        setting = "question_field" if role == "question" else "answer_field"
-        raise _BadRow(f"has no field '{key}' (fields: {sorted(row)})",
+def _text(row: Mapping, key: str, role: str, setting: str) -> str:
+    """Non-empty text of ``row[key]`` (numbers are accepted for answers). A missing value is
+    a missing field: ``datasets`` fills the columns a row lacks with None."""
+    if row.get(key) is None:
+        fields = sorted(k for k, v in row.items() if v is not None)
+        raise _BadRow(f"has no field '{key}' (fields: {fields})",
                       f"set {setting} to the field that holds the {role}")
     value = row[key]
-    if role == "answer" and (isinstance(value, (int, float)) and not isinstance(value, bool)):
+    if role == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
         raise _BadRow(f"field '{key}' is {type(value).__name__}, not text",
@@ -322,6 +344,22 @@ def _field_text(row: Mapping, key: str, role: str) -> str:
     if not value.strip():
         raise _BadRow(f"field '{key}' is empty", f"fill in the {role}")
     return value
+
+
+def _conversation(value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        raise _BadRow(f"field '{key}' is not a chat conversation",
+                      'write it as [{"role": "user", "content": "..."}, ...]')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt(row: Mapping, key: str):
+    value = row.get(key)
+    if isinstance(value, list):
+        return _conversation(value, key)
+    return _text(row, key, "prompt", "dataset.prompt_field").strip()
 
 
 def _gold_answer(text: str, key: str, answer_format: str) -> str:
@@ -342,64 +380,103 @@ def _gold_answer(text: str, key: str, answer_format: str) -> str:
     return text.strip()
 
 
-def _problem_fields(row, name: str, question_key: str, answer_key: str | None,
-                    answer_format: str | None) -> tuple[str, str]:
-    if not isinstance(row, Mapping):
-        raise _BadRow(f"is a {type(row).__name__}, not an object", "make every row an object "
-                      "with a question and an answer field")
-    question = _field_text(row, question_key, "question").strip()
-    if answer_key is None:  # MATH: a final "answer" (MATH-500) wins over a "solution"
-        answer_key = "answer" if row.get("answer") not in (None, "") else "solution"
-    if answer_format is None:
-        answer_format = {"gsm8k": "gsm8k"}.get(name,
-                                               "boxed" if answer_key == "solution" else "plain")
-    return question, _gold_answer(_field_text(row, answer_key, "answer"), answer_key,
-                                  answer_format)
+def _row(record, name: str, prompt_key: str, answer_key: str | None,
+         answer_format: str | None) -> dict:
+    if not isinstance(record, Mapping):
+        raise _BadRow(f"is a {type(record).__name__}, not an object",
+                      "make every row an object with a prompt field")
+    row = dict(record)
+    row[PROMPT] = _prompt(record, prompt_key)
+    if name == "math" and answer_key is None:  # a final "answer" (MATH-500) wins over a solution
+        answer_key = ANSWER if record.get(ANSWER) not in (None, "") else "solution"
+    if answer_key is not None:
+        if answer_format is None:
+            answer_format = "boxed" if answer_key == "solution" else "plain"
+        row[ANSWER] = _gold_answer(_text(record, answer_key, "answer", "dataset.answer_field"),
+                                   answer_key, answer_format)
+    return row
 
 
-def _load_file_dataset(config: Mapping, split: str) -> LoadedDataset:
-    name = config["name"]
-    default_question, default_answer, default_subset = _FILE_DATASETS[name]
+def _field_defaults(name: str, config: Mapping, columns: set[str]):
+    """(prompt field, answer field or None, answer format or None) for this dataset."""
+    if name == ROWS:
+        prompt_key = config.get("prompt_field") or (MESSAGES if PROMPT not in columns
+                                                    and MESSAGES in columns else PROMPT)
+        answer_key = config.get("answer_field") or (ANSWER if ANSWER in columns else None)
+        return prompt_key, answer_key, config.get("answer_format")
+    prompt_key, answer_key, answer_format, _ = NAMED_FILE_DATASETS[name]
+    return (config.get("prompt_field", prompt_key), config.get("answer_field", answer_key),
+            config.get("answer_format", answer_format))
+
+
+def _load_file_dataset(name: str, config: Mapping, split: str) -> LoadedDataset:
     path = config.get("path")
     if not isinstance(path, str) or not path:
-        raise DatasetError(
-            f"the {name} dataset needs 'path': a local .jsonl/.json/.parquet file, a directory "
-            f"holding <split>.jsonl/.parquet, or a hub id such as "
-            f"{'openai/gsm8k' if name == 'gsm8k' else 'HuggingFaceH4/MATH-500'}")
+        example = {"gsm8k": "openai/gsm8k", "math": "HuggingFaceH4/MATH-500"}.get(name,
+                                                                                "data.jsonl")
+        raise DatasetError("is missing", "set dataset.path to a local .jsonl/.json/.parquet "
+                           "file, a directory holding <split>.jsonl/.parquet, or a hub id such "
+                           f"as {example}", key="dataset.path")
     on_bad_row = config.get("on_bad_row", "error")
     if on_bad_row not in ("error", "skip"):
-        raise DatasetError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        raise DatasetError(f"got {on_bad_row!r}", "use 'error' or 'skip'",
+                           key="dataset.on_bad_row")
     answer_format = config.get("answer_format")
     if answer_format is not None and answer_format not in ANSWER_FORMATS:
-        raise DatasetError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
-                           f"got {answer_format!r}")
-    question_key = config.get("question_field", default_question)
-    answer_key = config.get("answer_field", default_answer)
-    for key, value in (("question_field", question_key), ("answer_field", answer_key)):
+        raise DatasetError(f"got {answer_format!r}", f"use one of {', '.join(ANSWER_FORMATS)}",
+                           key="dataset.answer_format")
+    for key in ("prompt_field", "answer_field"):
+        value = config.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            raise DatasetError(f"{key} must be a field name, got {value!r}")
+            raise DatasetError(f"got {value!r}", "give a column name", key=f"dataset.{key}")
 
-    local = _resolve_path(name, path, split)
+    fraction = config.get("test_fraction")
+    source_split = "train" if fraction is not None else split
+    if fraction is not None and split not in ("train", "test"):
+        raise DatasetError(f"split {split!r} is unknown with test_fraction",
+                           "use 'train' or 'test'", key="split")
+    local = _local_file(name, path, source_split)
     if local is None:
-        source = path
-        rows = _hub_rows(name, path, config.get("subset", default_subset), split)
+        subset = config.get("subset", NAMED_FILE_DATASETS.get(name, (None,) * 4)[3])
+        records, source = _read_hub(name, path, subset, source_split), path
     else:
-        source = str(local)
-        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
-        rows = readers[local.suffix](local)
+        records, source = _read_local(local), str(local)
+    columns = set(records[0]) if records and isinstance(records[0], Mapping) else set()
+    prompt_key, answer_key, answer_format = _field_defaults(name, config, columns)
 
-    problems, skipped = [], 0
-    for index, (location, row) in enumerate(rows):
+    rows, skipped = [], 0
+    for index, record in enumerate(records):
         try:
-            if isinstance(row, _BadRow):
-                raise row
-            question, answer = _problem_fields(row, name, question_key, answer_key,
-                                               answer_format)
+            row = _row(record, name, prompt_key, answer_key, answer_format)
         except _BadRow as bad:
             if on_bad_row == "skip":
                 skipped += 1
                 continue
-            raise DatasetError(f"{source}, {location}: {bad.problem}. Fix: {bad.fix}, or set "
-                               f"on_bad_row: skip to skip such rows") from None
-        problems.append(MathProblem(f"{name}/{split}/{index}", question, answer))
-    return LoadedDataset(problems, source, skipped)
+            raise DatasetError(f"{source}, row {index}: {bad.problem}",
+                               f"{bad.fix}, or set dataset.on_bad_row: skip to skip such rows",
+                               key="dataset") from None
+        row[UID] = f"{name}/{split}/{index}"
+        rows.append(row)
+    notes = []
+    if fraction is not None:
+        rows, note = _hold_out(rows, fraction, int(config.get("split_seed", 0)), split, source)
+        notes.append(note)
+    return LoadedDataset(rows, source, skipped, notes)
+
+
+def _hold_out(rows: list[dict], fraction: float, seed: int, split: str, source: str
+              ) -> tuple[list[dict], str]:
+    """The ``split`` side of a hash split of ``rows``: a row is "test" when the hash of (seed,
+    its prompt) is below ``fraction`` (at least one row per side when there are two)."""
+    keys = [_unit_hash(seed, json.dumps(row[PROMPT], sort_keys=True)) for row in rows]
+    test = [i for i, h in enumerate(keys) if h < fraction]
+    if not test and len(rows) > 1:
+        test = [min(range(len(rows)), key=keys.__getitem__)]
+    if len(test) == len(rows) > 1:
+        test.remove(max(test, key=keys.__getitem__))
+    held_out = set(test)
+    chosen = [row for i, row in enumerate(rows) if (i in held_out) == (split == "test")]
+    note = (f"{source}: {len(held_out)} of {len(rows)} rows held out as 'test' "
+            f"(test_fraction {fraction}, split_seed {seed}), {len(rows) - len(held_out)} "
+            "for 'train'")
+    return chosen, note

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.validation import config_error
+
 
 class MeanFieldGame:
     """A finite mean-field game: ``num_observations`` O, ``num_actions`` A, an initial
@@ -109,11 +111,6 @@ class TypedGame(MeanFieldGame):
 # ----------------------------------------------------------------------------- parameters
 
 
-def config_error(key: str, problem: str, fix: str) -> ValueError:
-    """A ValueError naming the env-config key, what is wrong, and how to fix it."""
-    return ValueError(f"env_config['{key}']: {problem}; {fix}")
-
-
 def check_int(key: str, value, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
             or (high is not None and value > high):
@@ -158,19 +155,6 @@ def check_distribution(key: str, value, size: int) -> np.ndarray:
         raise config_error(key, f"got {value!r}",
                            f"use {size} non-negative numbers that sum to 1.")
     return array / array.sum()
-
-
-def check_known_keys(config: dict, known: Sequence[str], env_name: str) -> None:
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ValueError(f"{env_name}: unknown env_config key(s) {', '.join(hints)}; valid "
-                         f"keys are {', '.join(sorted(known))}.")
 
 
 # ----------------------------------------------------------------------------- activation

@@ -44,13 +44,12 @@ from envs.mean_field.core import (
     PopulationSimulator,
     check_float,
     check_int,
-    check_known_keys,
-    config_error,
     encode_observations,
     horizon_for,
     parse_activation,
 )
 from envs.mean_field.model import MeanFieldModel
+from envs.validation import check_known_keys, config_error
 
 COMMON_DEFAULTS = {
     "num_agents": 100,

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from rllib_ext import registry
+from rllib_ext.cli import preflight
 from rllib_ext.cli.errors import CLIError
 
 # Keys allowed at the top of one experiment.
@@ -59,6 +60,7 @@ class Experiment:
     checkpoint_at_end: bool = True
     storage_path: str | None = None
     source: str = "command line"
+    notes: list[str] = field(default_factory=list)  # what the checks decided for the user
 
 
 # ----------------------------------------------------------------------------- loading
@@ -306,8 +308,9 @@ def validate_config(config: dict, algo_name: str, algo_class: type, source: str,
     return checked
 
 
-def check_buildable(algo_class: type, config: dict, source: str, prefix: str) -> None:
-    """Build and validate one concrete config point, turning RLlib's errors into CLIErrors."""
+def check_buildable(algo_class: type, config: dict, source: str, prefix: str):
+    """Build and validate one concrete config point, turning RLlib's errors into CLIErrors;
+    returns the AlgorithmConfig."""
     variant = first_variant(config)
     rllib_logger = logging.getLogger("ray.rllib")
     level = rllib_logger.level
@@ -323,6 +326,7 @@ def check_buildable(algo_class: type, config: dict, source: str, prefix: str) ->
                        source=source, key=prefix, fix=fix) from None
     finally:
         rllib_logger.setLevel(level)
+    return algo_config
 
 
 def build_experiment(name: str, spec: Any, source: str, *, config_override: dict | None = None,
@@ -358,7 +362,16 @@ def build_experiment(name: str, spec: Any, source: str, *, config_override: dict
     env = resolve_environment(env, source, f"{name}.env")
     config = validate_config(config, algo_class.__name__, algo_class, source, f"{name}.config")
     config["env"] = env
-    check_buildable(algo_class, config, source, f"{name}.config")
+    algo_config = check_buildable(algo_class, config, source, f"{name}.config")
+    for candidate in _candidates(env):
+        preflight.check_env_for_algorithm(str(algo_name), algo_class, candidate, source,
+                                          f"{name}.env")
+    notes = []
+    if registry.algorithm_env_kind(str(algo_name), algo_class) == "llm_task":
+        notes.append(preflight.check_model_source(algo_config.llm_model, source,
+                                                  f"{name}.config.llm_model"))
+        notes += preflight.check_llm_task(first_variant(env), algo_config, source,
+                                          f"{name}.config")
 
     stop = deep_merge(spec.get("stop") or {}, stop_override or {})
     if not isinstance(stop, dict):
@@ -369,6 +382,8 @@ def build_experiment(name: str, spec: Any, source: str, *, config_override: dict
             raise CLIError(f"stop criterion '{key}' must be a number, got {value!r}.",
                            source=source, key=f"{name}.stop.{key}",
                            fix="write e.g. `training_iteration: 10`.")
+    preflight.check_stop_metrics(stop, str(algo_name), algo_class, algo_config, source,
+                                 f"{name}.stop")
 
     num_samples = spec.get("num_samples", 1)
     checkpoint_freq = spec.get("checkpoint_freq", 0)
@@ -388,6 +403,7 @@ def build_experiment(name: str, spec: Any, source: str, *, config_override: dict
         checkpoint_at_end=bool(spec.get("checkpoint_at_end", True)),
         storage_path=spec.get("storage_path"),
         source=source,
+        notes=list(dict.fromkeys(note for note in notes if note)),
     )
 
 

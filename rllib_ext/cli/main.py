@@ -86,10 +86,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="also show the output of vLLM, Ray workers and libraries (else only "
                             "in rllib.log in the trial directory) and Tune's status tables "
                             "(-v, -vv)")
+    train.add_argument("--logger", action="append", choices=["wandb", "mlflow"], default=[],
+                       help="also send metrics to Weights & Biases or MLflow (Ray Tune's "
+                            "integrations; the package must be installed; repeatable)")
     train.add_argument("--dry-run", action="store_true",
                        help="validate the experiment(s) and print what would run; start nothing")
 
-    commands.add_parser("list", help="list the algorithms and rllib-ext environments")
+    commands.add_parser("list", help="list the algorithms and the environments each one takes")
+    export = commands.add_parser(
+        "export", help="write the model of an LLM run's checkpoint as a Hugging Face folder",
+        prog="rllib export",
+        description="Write the trained model of a checkpoint (of VCPO or another LLM algorithm) "
+                    "with its tokenizer into a folder that transformers "
+                    "(AutoModelForCausalLM.from_pretrained) and vLLM load.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a checkpoint directory, or a trial/experiment directory (its "
+                             "newest checkpoint)")
+    export.add_argument("--to", required=True, metavar="DIR", help="the folder to write")
+    export.add_argument("--module-id", default="default_policy",
+                        help="the RLModule to export (default: default_policy)")
     return parser, train
 
 
@@ -127,6 +142,9 @@ def _experiments_from_args(args) -> list:
 
 
 def _train(args) -> int:
+    from rllib_ext.cli.loggers import check_loggers
+
+    check_loggers(args.logger)
     experiments = _experiments_from_args(args)
     from rllib_ext.cli.run_log import RunLog
     from rllib_ext.cli.tune_runner import find_checkpoint
@@ -137,6 +155,8 @@ def _train(args) -> int:
             print(f"{experiment.name}: {experiment.algo_name} on "
                   f"{experiment.param_space.get('env')}, stop {experiment.stop or 'never'}, "
                   f"{len(experiment.param_space)} config keys ({experiment.source}): valid")
+            for note in experiment.notes:
+                print(f"   note: {note}")
         return 0
     run_log = RunLog(args.verbose)
     try:
@@ -153,11 +173,14 @@ def _run_experiments(experiments, args, restore, run_log) -> int:
     for experiment in experiments:
         print(f"== {experiment.name}: {experiment.algo_name} on "
               f"{experiment.param_space.get('env')} ({experiment.source})", flush=True)
+        for note in experiment.notes:
+            print(f"   note: {note}", flush=True)
         if restore:
             print(f"   restoring from {restore}", flush=True)
         outcomes = run_experiment(
             experiment, run_log, storage_path=args.storage_path,
-            checkpoint_freq=args.checkpoint_freq, restore=restore, num_samples=args.num_samples)
+            checkpoint_freq=args.checkpoint_freq, restore=restore, num_samples=args.num_samples,
+            loggers=tuple(args.logger))
         for outcome in outcomes:
             print(f"   trial {outcome.name}: {outcome.status} after {outcome.iterations} "
                   f"iterations; dir {outcome.trial_dir}", flush=True)
@@ -176,9 +199,28 @@ def _run_experiments(experiments, args, restore, run_log) -> int:
 def _list() -> int:
     from rllib_ext import registry
 
-    print("algorithms:", ", ".join(registry.known_algorithm_names()))
-    print("rllib-ext environments:", ", ".join(sorted(registry.PROJECT_ENVS)) or "(none)")
-    print("plus every gymnasium id and any 'package.module:EnvClass' path")
+    rllib = [n for n in registry.known_algorithm_names() if n not in registry.PROJECT_ALGORITHMS]
+    rows = [(name, registry.PROJECT_ALGORITHM_ENV_KINDS.get(name, "rllib"))
+            for name in sorted(registry.PROJECT_ALGORITHMS)]
+    rows.append((", ".join(rllib) + " (RLlib)", "rllib"))
+    for names, kind in rows:
+        print(f"{names}\n    takes {registry.ENV_KINDS[kind].description}: "
+              f"{registry.envs_for(kind)}")
+    return 0
+
+
+def _export(args) -> int:
+    from rllib_ext.cli.tune_runner import find_checkpoint
+    from rllib_ext.llm.export import export_model
+
+    checkpoint = find_checkpoint(args.checkpoint, flag="CHECKPOINT")
+    try:
+        target = export_model(checkpoint, args.to, module_id=args.module_id)
+    except (FileNotFoundError, TypeError) as e:
+        raise CLIError(str(e).split(" Fix: ")[0], source=checkpoint, key="CHECKPOINT",
+                       fix=str(e).split(" Fix: ")[1] if " Fix: " in str(e) else None) from None
+    print(f"exported {checkpoint} -> {target} (load it with "
+          f"AutoModelForCausalLM.from_pretrained('{target}') or vllm.LLM('{target}'))")
     return 0
 
 
@@ -194,6 +236,10 @@ def _save_traceback() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Like `python -m`: modules named in experiment files (reward functions, env and algorithm
+    # classes) import from the directory the command runs in; Ray workers inherit the path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser, train_parser = build_parser()
     try:
         if argv[:1] == ["train"]:
@@ -201,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "list":
             return _list()
+        if args.command == "export":
+            return _export(args)
         parser.print_help()
         return 2
     except CLIError as e:

@@ -92,16 +92,17 @@ class RunLog(Callback):
             logging.getLogger(name).addHandler(console)
     def _quiet_ray_console(self) -> None:
         """Ray's logger does not propagate to the root: it gets the file handler itself, and its
-        console handlers keep errors only (ray.init may add new ones: called again then)."""
+        console handlers are silenced (ray.init may add new ones: called again then). A failed
+        trial is reported by the CLI itself, with the path of its error file."""
         ray_logger = logging.getLogger("ray")
         if self._handler not in ray_logger.handlers:
             ray_logger.addHandler(self._handler)
         if self.verbose:
             return
         for handler in ray_logger.handlers:
-            if handler is not self._handler and handler.level < logging.ERROR:
+            if handler is not self._handler and handler.level < logging.CRITICAL:
                 self._saved_levels.append((handler, handler.level))
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL)
 
     def attach(self) -> None:
         """After ``ray.init``: route worker output through this log."""

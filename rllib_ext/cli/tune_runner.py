@@ -34,15 +34,15 @@ class TrialOutcome:
     error_file: str | None
 
 
-def find_checkpoint(path: str) -> str:
-    """Return the checkpoint directory to restore from.
+def find_checkpoint(path: str, flag: str = "--restore") -> str:
+    """Return the checkpoint directory named by ``path`` (given as ``flag``).
 
     ``path`` may be a checkpoint directory itself, or a trial/experiment directory, in which case
     the newest ``checkpoint_*`` directory below it is used.
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise CLIError("restore path not found.", source=str(path), key="--restore",
+        raise CLIError("checkpoint path not found.", source=str(path), key=flag,
                        fix="pass a checkpoint directory (printed at the end of a run) or the "
                            "trial directory that holds checkpoint_* folders.")
     if any((root / marker).exists() for marker in _CHECKPOINT_MARKERS):
@@ -51,7 +51,7 @@ def find_checkpoint(path: str) -> str:
                   if p.is_dir() and any((p / m).exists() for m in _CHECKPOINT_MARKERS)]
     if not candidates:
         raise CLIError("no RLlib checkpoint found at or below this path.", source=str(path),
-                       key="--restore",
+                       key=flag,
                        fix="run with --checkpoint-freq N (checkpoints are also written at the "
                            "end of every run) and pass one of the checkpoint_* directories.")
     return str(max(candidates, key=lambda p: p.stat().st_mtime).resolve())
@@ -76,9 +76,11 @@ def init_ray(run_log: RunLog, num_cpus: int | None = None) -> None:
 
 def run_experiment(experiment: Experiment, run_log: RunLog, *, storage_path: str | None = None,
                    checkpoint_freq: int | None = None, restore: str | None = None,
-                   num_samples: int | None = None) -> list[TrialOutcome]:
+                   num_samples: int | None = None, loggers: tuple[str, ...] = ()
+                   ) -> list[TrialOutcome]:
     from ray import tune
 
+    from rllib_ext.cli.loggers import TensorBoardLogger, logger_callbacks
     from rllib_ext.cli.progress import ProgressPrinter
 
     registry.register_project_envs()
@@ -97,7 +99,8 @@ def run_experiment(experiment: Experiment, run_log: RunLog, *, storage_path: str
             checkpoint_frequency=frequency, checkpoint_at_end=experiment.checkpoint_at_end),
         restore=restore,
         callbacks=[ProgressPrinter(getattr(experiment.algo_class, "progress_metrics", ())),
-                   run_log],
+                   run_log, TensorBoardLogger(),
+                   *logger_callbacks(list(loggers), experiment.name, storage)],
         verbose=min(run_log.verbose, 3),
         raise_on_failed_trial=False,
     )

@@ -1,17 +1,19 @@
 """An RLlib EnvRunner that generates with an LLM engine (vLLM by default).
 
-Per ``sample()``: take ``prompts_per_sample`` prompts from the env, generate
-``num_generations`` responses per prompt (one group), keep the per-token behaviour log-probs and
-the policy version (``WEIGHTS_SEQ_NO``) of the weights that produced them, score the responses
-through the env, and return one finished ``SingleAgentEpisode`` per response:
+Per ``sample()``: take ``prompts_per_sample`` prompts from the task (:class:`~rllib_ext.llm.task.
+Task`), generate ``num_generations`` responses per prompt (one group), keep the per-token
+behaviour log-probs and the policy version (``WEIGHTS_SEQ_NO``) of the weights that produced
+them, have the task score the responses, and return one finished ``SingleAgentEpisode`` per
+response:
 
     observation  padded prompt ids           action   padded response ids
-    reward       1.0 / 0.0 (answer checked)  extra_model_outputs:
+    reward       the task's reward           extra_model_outputs (llm/columns.py):
         behaviour_logp  [R] per-token log-probs     response_length, prompt_length
         action_logp     their sum (sequence)        group_id, weights_seq_no (policy version)
-        truncated       1 if the response hit max_response_tokens
+        truncated_response  1 if the response hit max_response_tokens
 
-Weights arrive through RLlib's normal path (``EnvRunnerGroup.sync_weights`` ->
+The task is built from ``config.env`` by RLlib's env creator (any class following the Task
+protocol). Weights arrive through RLlib's normal path (``EnvRunnerGroup.sync_weights`` ->
 :meth:`set_state`) and are loaded into the live engine in place, no restart; a state with an
 older version than the engine's is ignored (version 0 forces the load, as RLlib's runners do).
 With remote runners, the local runner (index 0) starts no engine: it only answers spaces.
@@ -20,6 +22,7 @@ With remote runners, the local runner (index 0) starts no engine: it only answer
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -44,16 +47,34 @@ from ray.rllib.utils.metrics import (
 )
 
 from rllib_ext.llm.causal_lm_module import token_spaces
+from rllib_ext.llm.columns import (
+    ANSWER,
+    BEHAVIOUR_LOGP,
+    GROUP_ID,
+    PROMPT,
+    PROMPT_LENGTH,
+    RESPONSE_LENGTH,
+    TRUNCATED_RESPONSE,
+    UID,
+)
 from rllib_ext.llm.generation import make_backend
+from rllib_ext.llm.task import Task
 from rllib_ext.llm.tiny import resolve_model
 
-BEHAVIOUR_LOGP = "behaviour_logp"
-RESPONSE_LENGTH = "response_length"
-PROMPT_LENGTH = "prompt_length"
-GROUP_ID = "group_id"
-TRUNCATED_RESPONSE = "truncated_response"
 ENV_STATE = "env_state"
 NEXT_GROUP = "next_group"
+# Env-runner metric: a markdown table of some completions of the latest sample.
+COMPLETIONS_TABLE = "completions"
+# Every metric an LLMEnvRunner reports (under env_runners/; reward functions' means are under
+# env_runners/rewards/<name>, counts of the task under num_<name>).
+RUNNER_METRICS = (
+    NUM_ENV_STEPS_SAMPLED, NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_EPISODES, NUM_EPISODES_LIFETIME,
+    "num_generated_tokens_lifetime", EPISODE_RETURN_MEAN, "reward_std",
+    "fraction_groups_one_reward", "response_length_mean", "response_length_min",
+    "response_length_max", "accuracy", "num_no_answer", "num_checker_timeouts",
+    "num_checker_errors", "tokens_per_s", "generation_time_s", "truncated_response_fraction",
+    "num_empty_responses", "num_non_utf8_responses", WEIGHTS_SEQ_NO, "weight_sync_time_s",
+    "num_weight_syncs", COMPLETIONS_TABLE)
 # In a state for set_state: load the weights whatever their version and adopt it (a restored
 # run's learner may be behind the runner's engine).
 FORCE_WEIGHTS = "force_weights"
@@ -62,26 +83,36 @@ GROUP_ID_STRIDE = 10**12
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
-    """EnvRunner owning one generation engine and one math env (its shard of the prompts)."""
+    """EnvRunner owning one generation engine and one task (its shard of the prompts)."""
 
-    def __init__(self, *, config, **kwargs):
+    def __init__(self, *, config, env_creator=None, **kwargs):
         super().__init__(config=config, **kwargs)
         from transformers import AutoTokenizer
 
         self.model_path = resolve_model(self.config.llm_model)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else self.eos_id
         observation_space, action_space = token_spaces(
             len(tokenizer), self.config.max_prompt_tokens, self.config.max_response_tokens)
         self._spaces = {INPUT_ENV_SPACES: (observation_space, action_space),
                         DEFAULT_MODULE_ID: (observation_space, action_space)}
+        # RLlib's creator for config.env (a runner built by hand resolves config.env as
+        # RLlib does: a registered name, a class or a "module.Class" path).
+        if env_creator is None:
+            from ray.rllib.algorithms.algorithm import Algorithm
+
+            env_creator = Algorithm._get_env_id_and_creator(self.config.env, self.config)[1]
+        self._task_creator = env_creator
         self._weights_seq_no = 0
         self._next_group = 0
         self.backend = None
         self.env = None
+        self._eval_task = None
         self.engine_startup_s = 0.0
         if not (self.worker_index == 0 and self.num_workers > 0):
-            self.make_env()
+            self.env = self.make_task()
             self.backend = make_backend(
                 self.config.generation_backend, self.model_path,
                 seed=int(self.config.seed or 0) + (self.worker_index or 0),
@@ -92,35 +123,23 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     # ------------------------------------------------------------------ set-up
 
-    def make_env(self, split: str | None = None, shuffle: bool | None = None):
-        """Create the env from ``config.env``/``env_config`` (or an extra one for ``split``)."""
+    def make_task(self, split: str = "train") -> Task:
+        """Build the task from ``config.env``/``env_config``: this runner's shard of the
+        training split, or (``split`` other than "train") a whole split in dataset order."""
         from ray.rllib.env.env_context import EnvContext
-        from ray.tune.registry import ENV_CREATOR, _global_registry
 
-        env_config = dict(self.config.env_config or {})
-        env_config.setdefault("tokenizer", self.model_path)
-        env_config.setdefault("max_prompt_tokens", self.config.max_prompt_tokens)
-        env_config.setdefault("max_response_tokens", self.config.max_response_tokens)
-        if split is not None:
-            env_config["split"] = split
-        if shuffle is not None:
-            env_config["shuffle"] = shuffle
-        # The eval env sees the whole split (no sharding).
+        training = split == "train"
+        env_config = {**(self.config.env_config or {}), "tokenizer": self.model_path,
+                      "max_prompt_tokens": self.config.max_prompt_tokens, "split": split,
+                      "shuffle": training}
         context = EnvContext(env_config, worker_index=self.worker_index or 0,
-                             num_workers=self.num_workers if split is None else 0)
-        env_spec = self.config.env
-        if isinstance(env_spec, str):
-            if _global_registry.contains(ENV_CREATOR, env_spec):
-                env = _global_registry.get(ENV_CREATOR, env_spec)(context)
-            else:
-                from rllib_ext.registry import PROJECT_ENVS, import_object
-
-                env = import_object(PROJECT_ENVS.get(env_spec, env_spec))(context)
-        else:
-            env = env_spec(context)
-        if split is None:
-            self.env = env
-        return env
+                             num_workers=self.num_workers if training else 0)
+        task = self._task_creator(context)
+        if not isinstance(task, Task):
+            raise TypeError(f"env {self.config.env!r} built a {type(task).__name__}, which is not "
+                            "an LLM task. Fix: LLM algorithms take envs that follow "
+                            "rllib_ext.llm.task.Task (e.g. MathEnv); see `rllib list`.")
+        return task
 
     def assert_healthy(self):
         assert self.env is not None and self.backend is not None or (
@@ -155,69 +174,82 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         wanted = num_episodes or num_timesteps
         num_prompts = self.config.prompts_per_sample if not wanted \
             else max(1, math.ceil(wanted / sampling.n))
-        resets = [self.env.reset() for _ in range(num_prompts)]
-        prompts = [obs[:info[PROMPT_LENGTH]].tolist() for obs, info in resets]
+        prompts = self.env.next_prompts(num_prompts)
         version = self._weights_seq_no
 
         started = time.perf_counter()
         with self._exit_if_engine_dies():
-            groups = self.backend.generate(prompts, sampling)
+            groups = self.backend.generate([p.token_ids for p in prompts], sampling)
         generation_s = time.perf_counter() - started
 
         completions = [c for group in groups for c in group]
-        texts = [self.env.decode_response(c.token_ids) for c in completions]
-        golds = [info["answer"] for _, info in resets for _ in range(sampling.n)]
-        grades = self.env.grade_many(texts, golds)
+        texts = [self.env.decode(c.token_ids) for c in completions]
+        sampled_prompts = [p for p in prompts for _ in range(sampling.n)]
+        scores = self.env.score(sampled_prompts, texts)
 
         episodes = []
-        for prompt_index, (obs, info) in enumerate(resets):
-            group_id = (self.worker_index or 0) * GROUP_ID_STRIDE + self._next_group
-            self._next_group += 1
-            for j in range(sampling.n):
-                k = prompt_index * sampling.n + j
-                episodes.append(self._episode(obs, info, completions[k], grades[k], texts[k],
-                                              group_id, version))
-        self._log_sample_metrics(episodes, completions, grades, texts, generation_s)
+        for k, (prompt, completion) in enumerate(zip(sampled_prompts, completions, strict=True)):
+            if k % sampling.n == 0:
+                group_id = (self.worker_index or 0) * GROUP_ID_STRIDE + self._next_group
+                self._next_group += 1
+            info = {**row_info(prompt.row), **(scores.infos[k] if scores.infos else {}),
+                    "finish_reason": completion.finish_reason}
+            episodes.append(self._episode(prompt, completion, scores.rewards[k], info,
+                                          group_id, version))
+        self._log_sample_metrics(sampled_prompts, completions, texts, scores, sampling.n,
+                                 generation_s)
         return episodes
 
-    def _episode(self, obs, info, completion, grade, text, group_id, version):
-        from envs.math.env import grade_info
-
+    def _episode(self, prompt, completion, reward, info, group_id, version):
         width = self.config.max_response_tokens
         action = np.full(width, self.eos_id, dtype=np.int64)
         behaviour_logp = np.zeros(width, dtype=np.float32)
         length = min(len(completion.token_ids), width)
         action[:length] = completion.token_ids[:length]
         behaviour_logp[:length] = completion.logprobs[:length]
-        episode = SingleAgentEpisode(observation_space=self._spaces[DEFAULT_MODULE_ID][0],
-                                     action_space=self._spaces[DEFAULT_MODULE_ID][1])
-        episode.add_env_reset(observation=obs, infos=info)
+        observation_space, action_space = self._spaces[DEFAULT_MODULE_ID]
+        observation = np.full(observation_space.shape, self.pad_id, dtype=np.int64)
+        observation[:len(prompt.token_ids)] = prompt.token_ids
+        episode = SingleAgentEpisode(observation_space=observation_space,
+                                     action_space=action_space)
+        episode.add_env_reset(observation=observation, infos=row_info(prompt.row))
         episode.add_env_step(
-            observation=obs, action=action, reward=grade.reward, terminated=True,
-            infos={**info, **grade_info(grade, text), "finish_reason": completion.finish_reason},
+            observation=observation, action=action, reward=reward, terminated=True, infos=info,
             extra_model_outputs={
                 BEHAVIOUR_LOGP: behaviour_logp,
                 Columns.ACTION_LOGP: np.float32(behaviour_logp[:length].sum()),
                 RESPONSE_LENGTH: np.int64(length),
-                PROMPT_LENGTH: np.int64(info[PROMPT_LENGTH]),
+                PROMPT_LENGTH: np.int64(len(prompt.token_ids)),
                 GROUP_ID: np.int64(group_id),
                 WEIGHTS_SEQ_NO: np.int64(version),
                 TRUNCATED_RESPONSE: np.int64(completion.finish_reason == "length"),
             })
         return episode.to_numpy()
 
-    def _log_sample_metrics(self, episodes, completions, grades, texts, generation_s):
+    def _log_sample_metrics(self, prompts, completions, texts, scores, group_size,
+                            generation_s):
         m = self.metrics
-        count = len(episodes)
-        generated = sum(len(c.token_ids) for c in completions)
+        count = len(completions)
+        lengths = [len(c.token_ids) for c in completions]
+        generated = sum(lengths)
+        rewards = np.asarray(scores.rewards, dtype=np.float64)
         m.log_value(NUM_ENV_STEPS_SAMPLED, count, reduce="sum")
         m.log_value(NUM_EPISODES, count, reduce="sum")
         m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, count, reduce="lifetime_sum")
         m.log_value(NUM_EPISODES_LIFETIME, count, reduce="lifetime_sum")
         m.log_value("num_generated_tokens_lifetime", generated, reduce="lifetime_sum")
-        m.log_value(EPISODE_RETURN_MEAN, float(np.mean([g.reward for g in grades])), reduce="mean")
-        m.log_value("accuracy", float(np.mean([g.correct for g in grades])), reduce="mean")
-        m.log_value("response_length_mean", generated / max(1, count), reduce="mean")
+        for name, value in rollout_statistics(rewards, group_size, lengths).items():
+            m.log_value(name, value, reduce="mean")
+        for name, values in scores.per_function.items():
+            applied = [v for v in values if v is not None]
+            if applied:
+                m.log_value(("rewards", name), float(np.mean(applied)), reduce="mean")
+        if scores.correct is not None:
+            m.log_value("accuracy", float(np.mean(scores.correct)), reduce="mean")
+        for name, value in scores.counts.items():
+            m.log_value(f"num_{name}", value, reduce="lifetime_sum")
+        m.log_value("response_length_min", min(lengths), reduce="min")
+        m.log_value("response_length_max", max(lengths), reduce="max")
         m.log_value("tokens_per_s", generated / max(generation_s, 1e-9), reduce="mean")
         m.log_value("generation_time_s", generation_s, reduce="sum")
         m.log_value("truncated_response_fraction",
@@ -225,27 +257,28 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     reduce="mean")
         m.log_value("num_empty_responses", sum(not t.strip() for t in texts), reduce="sum")
         m.log_value("num_non_utf8_responses", sum("\ufffd" in t for t in texts), reduce="sum")
-        m.log_value("num_no_answer", sum(g.extracted is None for g in grades), reduce="sum")
-        m.log_value("num_checker_timeouts",
-                    sum(g.failure == "timeout" for g in grades), reduce="lifetime_sum")
-        m.log_value("num_checker_errors",
-                    sum(g.failure == "error" for g in grades), reduce="lifetime_sum")
         m.log_value(WEIGHTS_SEQ_NO, self._weights_seq_no, reduce="max")
+        rows = self.config.completions_table_rows
+        if rows:
+            # The latest table of each runner; the algorithm collects them in a list.
+            m.log_value(COMPLETIONS_TABLE, completions_table(
+                prompts[:rows], texts[:rows], scores, rows), reduce="item_series", window=1)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, split: str | None = None, num_problems: int | None = None,
                  temperature: float | None = None) -> dict:
-        """Accuracy on a held-out split (greedy by default), with this runner's engine."""
-        from rllib_ext.llm.evaluation import evaluate_accuracy
+        """Reward (and accuracy, where the task knows it) on a held-out split, greedy by
+        default, with this runner's engine."""
+        from rllib_ext.llm.evaluation import evaluate_task
 
         if self.backend is None:
             raise RuntimeError("evaluate() needs a runner with an engine.")
-        if not hasattr(self, "_eval_env"):
-            self._eval_env = self.make_env(split=split or self.config.eval_split, shuffle=False)
+        if self._eval_task is None:
+            self._eval_task = self.make_task(split or self.config.eval_split)
         with self._exit_if_engine_dies():
-            return evaluate_accuracy(
-                self.backend, self._eval_env,
+            return evaluate_task(
+                self.backend, self._eval_task,
                 num_problems=num_problems if num_problems is not None
                 else self.config.eval_num_problems,
                 temperature=self.config.eval_temperature if temperature is None else temperature,
@@ -303,9 +336,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        for task in (self.env, self._eval_task):
+            if task is not None:
+                task.close()
+        self.env = self._eval_task = None
 
 
 def is_engine_dead(error: BaseException) -> bool:
@@ -338,3 +372,37 @@ def hf_state_dict_from_module_state(module_state: dict) -> dict[str, torch.Tenso
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return {name[len(prefix):] if name.startswith(prefix) else name:
                 torch.as_tensor(np.asarray(value)) for name, value in module_state.items()}
+
+
+def row_info(row) -> dict:
+    """What an episode's info keeps of its dataset row: the id and the gold answer."""
+    return {key: row[key] for key in (UID, ANSWER) if key in row}
+
+
+def rollout_statistics(rewards: np.ndarray, group_size: int, lengths: list[int]) -> dict:
+    """Over a batch of completions in consecutive groups of ``group_size`` (one prompt each):
+    the mean reward, ``reward_std`` the mean over groups of the rewards' standard deviation
+    within the group, ``fraction_groups_one_reward`` the fraction of groups whose completions
+    all got the same reward (no learning signal under group baselines), and the mean response
+    length."""
+    groups = rewards.reshape(-1, group_size)
+    return {EPISODE_RETURN_MEAN: float(rewards.mean()),
+            "reward_std": float(groups.std(axis=1).mean()),
+            "fraction_groups_one_reward": float(np.mean(np.ptp(groups, axis=1) == 0)),
+            "response_length_mean": float(np.mean(lengths))}
+
+
+def completions_table(prompts, texts: list[str], scores, rows: int) -> str:
+    """A markdown table of the first ``rows`` (prompt, completion, reward) triples."""
+    def cell(value) -> str:
+        text = value if isinstance(value, str) else json.dumps(value)
+        return text.replace("|", "\\|").replace("\n", "\\n")[:300]
+
+    names = list(scores.per_function)
+    lines = ["| prompt | completion | reward | " + " | ".join(names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+    for k, (prompt, text) in enumerate(zip(prompts[:rows], texts[:rows], strict=True)):
+        values = [scores.per_function[n][k] for n in names]
+        lines.append(f"| {cell(prompt.row[PROMPT])} | {cell(text)} | {scores.rewards[k]:.3g} | "
+                     + " | ".join("-" if v is None else f"{v:.3g}" for v in values) + " |")
+    return "\n".join(lines)

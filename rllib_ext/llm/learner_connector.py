@@ -19,7 +19,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from rllib_ext.llm.causal_lm_module import pack_prompt_response
-from rllib_ext.llm.env_runner import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
+from rllib_ext.llm.columns import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
 
 
 def episodes_to_lm_batch(episodes: list, pad_id: int = 0) -> dict[str, np.ndarray]:

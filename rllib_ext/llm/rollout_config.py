@@ -33,6 +33,8 @@ class LLMRolloutConfig(AlgorithmConfig):
         self.eval_top_p = 1.0
         self.eval_split = "test"
         self.eval_num_problems = None
+        self.completions_table_rows = 8
+        self.completions_table_interval = 10
 
     def llm_rollouts(self, *, llm_model=NotProvided, generation_backend=NotProvided,
                      num_generations=NotProvided, prompts_per_sample=NotProvided,
@@ -40,8 +42,9 @@ class LLMRolloutConfig(AlgorithmConfig):
                      max_response_tokens=NotProvided, engine_kwargs=NotProvided,
                      engine_in_process=NotProvided,
                      eval_temperature=NotProvided, eval_top_p=NotProvided,
-                     eval_split=NotProvided,
-                     eval_num_problems=NotProvided) -> LLMRolloutConfig:
+                     eval_split=NotProvided, eval_num_problems=NotProvided,
+                     completions_table_rows=NotProvided,
+                     completions_table_interval=NotProvided) -> LLMRolloutConfig:
         """Rollout settings.
 
         Args:
@@ -62,6 +65,9 @@ class LLMRolloutConfig(AlgorithmConfig):
             eval_temperature, eval_top_p: evaluation sampling (temperature 0 = greedy).
             eval_split, eval_num_problems: the held-out split and how many of its problems
                 (None = all) the accuracy evaluation uses.
+            completions_table_rows, completions_table_interval: a table of that many sampled
+                completions (prompt, completion, rewards) goes to TensorBoard as text every
+                that many iterations (0 rows = none).
         """
         for name, value in list(locals().items()):
             if name != "self" and value is not NotProvided:
@@ -83,6 +89,10 @@ class LLMRolloutConfig(AlgorithmConfig):
         if not isinstance(self.prompts_per_sample, int) or self.prompts_per_sample < 1:
             self._value_error(f"prompts_per_sample must be an integer >= 1, got "
                               f"{self.prompts_per_sample!r}.")
+        for name in ("completions_table_rows", "completions_table_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self._value_error(f"{name} must be an integer >= 0, got {value!r}.")
         if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
             self._value_error(f"max_prompt_tokens must be an integer >= 1, got "
                               f"{self.max_prompt_tokens!r}.")

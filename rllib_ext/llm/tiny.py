@@ -105,11 +105,12 @@ def build_untrained_model(spec: TinyModelSpec, vocab_size: int):
 
 
 def encode_examples(tokenizer, problems, with_answers: bool):
-    """Token ids of ``<bos>question[answer<eos>]`` and the index where the answer starts."""
+    """Token ids of ``<bos>prompt[answer<eos>]`` and the index where the answer starts, for
+    dataset rows with ``prompt`` and ``answer``."""
     rows = []
     for problem in problems:
-        prompt = tokenizer(problem.question).input_ids
-        answer = tokenizer(problem.answer, add_special_tokens=False).input_ids + [EOS_ID] \
+        prompt = tokenizer(problem["prompt"]).input_ids
+        answer = tokenizer(problem["answer"], add_special_tokens=False).input_ids + [EOS_ID] \
             if with_answers else []
         rows.append((prompt + answer, len(prompt)))
     return rows
@@ -130,7 +131,7 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 6) -> floa
                              pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
     model.train()
-    return sum(t.strip() == p.answer for t, p in zip(texts, problems)) / max(1, len(problems))
+    return sum(t.strip() == p["answer"] for t, p in zip(texts, problems)) / max(1, len(problems))
 
 
 def warm_start(model, tokenizer, spec: TinyModelSpec, progress=None) -> dict:
@@ -138,10 +139,10 @@ def warm_start(model, tokenizer, spec: TinyModelSpec, progress=None) -> dict:
     ``spec.target_accuracy`` (checked every ``spec.eval_every`` steps) or ``spec.max_steps``."""
     import torch
 
-    from envs.math.datasets import load_problems
+    from envs.math.datasets import load_rows
 
-    train = load_problems(spec.dataset, "train").problems
-    test = load_problems(spec.dataset, "test").problems
+    train = load_rows(spec.dataset, "train").rows
+    test = load_rows(spec.dataset, "test").rows
     rows = encode_examples(tokenizer, train, with_answers=True)
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
@@ -230,6 +231,9 @@ def resolve_model(name_or_path: str) -> str:
             raise ValueError(f"model directory '{path}' has no config.json. Fix: point `model` "
                              "at a Hugging Face model directory, a hub id, or 'tiny'.")
         return str(path.resolve())
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(f"model directory '{name_or_path}' does not exist. Fix: correct the "
+                         "path, or give a Hugging Face hub id ('org/name') or 'tiny'.")
     return name_or_path
 
 
