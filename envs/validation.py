@@ -14,7 +14,7 @@ class ConfigError(ValueError):
     """A bad ``env_config`` value; ``key`` is its dotted path (``dataset.path``)."""
 
     def __init__(self, key: str, problem: str, fix: str):
-        self.key = key
+        self.key, self.problem, self.fix = key, problem, fix
         where = "env_config" + "".join(f"['{part}']" for part in key.split("."))
         super().__init__(f"{where}: {problem}; {fix if fix.endswith('.') else fix + '.'}")
 
@@ -25,9 +25,10 @@ def config_error(key: str, problem: str, fix: str) -> ConfigError:
 
 
 def check_known_keys(config: Mapping, known: Sequence[str], env_name: str,
-                     prefix: str = "") -> None:
-    """ValueError naming every key of ``config`` not in ``known`` (with the nearest known one).
-    ``prefix`` names where ``config`` sits in env_config (``"dataset."``)."""
+                     prefix: str = "", listed: Sequence[str] | None = None) -> None:
+    """ConfigError naming every key of ``config`` not in ``known`` (with the nearest known one).
+    ``prefix`` names where ``config`` sits in env_config (``"dataset."``); ``listed`` are the
+    keys the message offers (default: ``known``)."""
     unknown = sorted(set(config) - set(known), key=str)
     if unknown:
         hints = []
@@ -35,5 +36,6 @@ def check_known_keys(config: Mapping, known: Sequence[str], env_name: str,
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hints.append(f"'{prefix}{key}'" + (f" (did you mean '{prefix}{close[0]}'?)"
                                                if close else ""))
-        raise ValueError(f"{env_name}: unknown env_config key(s) {', '.join(hints)}; valid "
-                         f"keys are {', '.join(sorted(known))}.")
+        raise ConfigError(prefix + str(unknown[0]),
+                          f"{env_name}: unknown env_config key(s) {', '.join(hints)}",
+                          f"valid keys are {', '.join(sorted(listed or known))}.")

@@ -39,7 +39,12 @@ from envs.math.grading import STYLES, AnswerChecker, Grade
 from envs.math.rewards import MATH_ANSWER
 from envs.validation import ConfigError, check_known_keys
 from rllib_ext.llm.columns import ANSWER, PROMPT
-from rllib_ext.llm.rewards import RewardFunctionError, load_reward_functions, weighted_rewards
+from rllib_ext.llm.rewards import (
+    RewardFunctionError,
+    check_columns,
+    load_reward_functions,
+    weighted_rewards,
+)
 from rllib_ext.llm.task import RUNNER_KEYS, Scores, TaskPrompt
 
 DEFAULT_ANSWER_STYLE = {"arithmetic": "plain", "gsm8k": "gsm8k", "math": "boxed"}
@@ -66,7 +71,7 @@ class MathEnvSettings:
     @classmethod
     def from_config(cls, config: Mapping) -> MathEnvSettings:
         """Validate the user's keys (and the runner's, when present); ConfigError otherwise."""
-        check_known_keys(config, (*USER_KEYS, *RUNNER_KEYS), "MathEnv")
+        check_known_keys(config, (*USER_KEYS, *RUNNER_KEYS), "MathEnv", listed=USER_KEYS)
         dataset = config.get("dataset") or {"name": "arithmetic"}
         if not isinstance(dataset, Mapping):
             raise ConfigError("dataset", f"got {dataset!r}",
@@ -107,7 +112,7 @@ class MathEnvSettings:
         try:
             return load_reward_functions(list(self.reward_funcs), self.reward_weights)
         except RewardFunctionError as e:
-            raise ConfigError("reward_funcs", str(e), "see the reward functions above") from None
+            raise ConfigError("reward_funcs", e.problem, e.fix) from None
 
 
 class MathEnv:
@@ -145,7 +150,7 @@ class MathEnv:
         rows = loaded.rows
         if num_workers > 1 and worker_index >= 1:
             rows = rows[worker_index - 1::num_workers]
-        check_rows(settings, rows, self.math_reward)
+        check_rows(settings, rows, self.reward_functions)
         self.prompts: list[TaskPrompt] = []
         self.prompts_too_long = 0
         for row in rows:
@@ -270,27 +275,24 @@ class MathEnv:
                 env.close()
             return notes
         settings = MathEnvSettings.from_config(config)
-        math_reward = next((f.name for f in settings.reward_functions()
-                            if f.path == MATH_ANSWER), None)
+        reward_functions = settings.reward_functions()
         notes = []
         for split in splits:
             loaded = load_rows(settings.dataset, split)
-            check_rows(settings, loaded.rows, math_reward)
+            check_rows(settings, loaded.rows, reward_functions)
             notes += loaded.notes
         return notes
 
 
-def check_rows(settings: MathEnvSettings, rows: list[dict], math_reward: str | None) -> None:
-    """The rows suit the settings: the math reward has gold answers, the prompt template's
-    fields exist, chat rows get no text template."""
+def check_rows(settings: MathEnvSettings, rows: list[dict], reward_functions) -> None:
+    """The rows suit the settings: every reward function finds the columns it needs, the
+    prompt template's fields exist, chat rows get no text template."""
     if not rows:
         return
-    if math_reward and any(ANSWER not in row for row in rows[:1]):
-        raise ConfigError(
-            "reward_funcs", f"{MATH_ANSWER} compares with each row's '{ANSWER}', and the rows "
-            f"have none (columns: {sorted(rows[0])})",
-            "set dataset.answer_field to the column with the gold answer, or replace the math "
-            "reward in reward_funcs with your own")
+    try:
+        check_columns(reward_functions, [key for key in rows[0] if key != PROMPT])
+    except RewardFunctionError as e:
+        raise ConfigError("reward_funcs", e.problem, e.fix) from None
     chat = not isinstance(rows[0][PROMPT], str)
     if chat and settings.prompt_template != "{prompt}":
         raise ConfigError("prompt_template", "applies to text prompts, and the rows hold chat "

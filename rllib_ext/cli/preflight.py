@@ -141,11 +141,11 @@ def check_llm_task(env: Any, config: Any, source: str, key: str) -> list[str]:
     evaluates = getattr(config, "accuracy_eval_interval", 0)
     try:
         return list(check(env_config, eval_split=config.eval_split if evaluates else None))
-    except ValueError as e:
+    except ValueError as e:  # a ConfigError names the key, the problem and the fix
         config_key = getattr(e, "key", None)
-        raise CLIError(str(e).rstrip(".") + ".", source=source,
+        raise CLIError(getattr(e, "problem", str(e)).rstrip(".") + ".", source=source,
                        key=f"{key}.env_config" + (f".{config_key}" if config_key else ""),
-                       fix=None if getattr(e, "fix", None) else "correct env_config.") from None
+                       fix=getattr(e, "fix", "correct env_config").rstrip(".") + ".") from None
 
 
 # ----------------------------------------------------------------------------- stop metrics

@@ -65,6 +65,11 @@ def evaluate_task(backend, task: Task, *, num_problems: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    # The result is the JSON on stdout; vLLM's messages go to stderr, warnings and up only.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from ray.rllib.env.env_context import EnvContext
 
     from rllib_ext import registry
