@@ -194,7 +194,11 @@ def test_a_logger_that_is_not_installed_is_refused(tmp_path, capsys):
 
 
 def test_rllib_list_says_which_envs_each_algorithm_takes(capsys):
+    import os
+
     assert main(["list"]) == 0
+    # modules of the working directory (reward functions) import in Ray workers too
+    assert os.getcwd() in os.environ["PYTHONPATH"].split(os.pathsep)
     out = capsys.readouterr().out
     blocks = dict(zip(out.splitlines()[::2], out.splitlines()[1::2], strict=True))
     assert "LLM tasks" in blocks["VCPO"] and "MathEnv" in blocks["VCPO"]

@@ -237,9 +237,13 @@ def _save_traceback() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Like `python -m`: modules named in experiment files (reward functions, env and algorithm
-    # classes) import from the directory the command runs in; Ray workers inherit the path.
+    # classes) import from the directory the command runs in, here and (through PYTHONPATH,
+    # which the Ray workers started later inherit) in every worker.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if os.getcwd() not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, paths)])
     parser, train_parser = build_parser()
     try:
         if argv[:1] == ["train"]:
