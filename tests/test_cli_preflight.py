@@ -206,3 +206,11 @@ def test_rllib_list_says_which_envs_each_algorithm_takes(capsys):
     assert "ResourceSelection" in blocks["TMFPG"] and "MathEnv" not in blocks["TMFPG"]
     [rllib] = [v for k, v in blocks.items() if k.endswith("(RLlib)")]
     assert "gymnasium" in rllib and "MathEnv" not in rllib
+
+
+def test_rllib_train_refuses_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    code = main(["train", "file", write(tmp_path, {"datset": {}})])
+    assert code == 2 and "did you mean 'dataset'" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -9,13 +9,13 @@ import torch
 from ray.rllib.core import COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
+from envs.math.env import MathEnv
 from rllib_ext.llm.causal_lm_module import (
     RESPONSE_LOGP,
     CausalLMRLModule,
     pack_prompt_response,
     token_spaces,
 )
-from envs.math.env import MathEnv
 from rllib_ext.llm.columns import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
 from rllib_ext.llm.env_runner import LLMEnvRunner
 from rllib_ext.llm.generation import SamplingSettings, TransformersBackend

@@ -172,7 +172,7 @@ def test_gsm8k_jsonl(tmp_path):
 
 
 def test_math_jsonl_boxed_and_answer_column(tmp_path):
-    path = write_jsonl(tmp_path / "test.jsonl", MATH_ROWS)
+    write_jsonl(tmp_path / "test.jsonl", MATH_ROWS)  # a folder's test split
     loaded = load_rows({"name": "math", "path": str(tmp_path)}, "test")
     assert [p["answer"] for p in loaded.rows] == ["\\frac{1}{2}", "\\sqrt{x^{2}}", "\\{1, 2\\}"]
     assert loaded.rows[0]["uid"] == "math/test/0"

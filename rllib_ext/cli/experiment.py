@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from rllib_ext import registry
-from rllib_ext.cli import preflight
+from rllib_ext.cli import env_kinds, preflight
 from rllib_ext.cli.errors import CLIError
 
 # Keys allowed at the top of one experiment.
@@ -367,7 +367,7 @@ def build_experiment(name: str, spec: Any, source: str, *, config_override: dict
         preflight.check_env_for_algorithm(str(algo_name), algo_class, candidate, source,
                                           f"{name}.env")
     notes = []
-    if registry.algorithm_env_kind(str(algo_name), algo_class) == "llm_task":
+    if env_kinds.algorithm_env_kind(str(algo_name), algo_class) == "llm_task":
         notes.append(preflight.check_model_source(algo_config.llm_model, source,
                                                   f"{name}.config.llm_model"))
         notes += preflight.check_llm_task(first_variant(env), algo_config, source,

@@ -198,14 +198,14 @@ def _run_experiments(experiments, args, restore, run_log) -> int:
 
 def _list() -> int:
     from rllib_ext import registry
+    from rllib_ext.cli.env_kinds import ENV_KINDS, PROJECT_ALGORITHM_ENV_KINDS, envs_for
 
     rllib = [n for n in registry.known_algorithm_names() if n not in registry.PROJECT_ALGORITHMS]
-    rows = [(name, registry.PROJECT_ALGORITHM_ENV_KINDS.get(name, "rllib"))
+    rows = [(name, PROJECT_ALGORITHM_ENV_KINDS.get(name, "rllib"))
             for name in sorted(registry.PROJECT_ALGORITHMS)]
     rows.append((", ".join(rllib) + " (RLlib)", "rllib"))
     for names, kind in rows:
-        print(f"{names}\n    takes {registry.ENV_KINDS[kind].description}: "
-              f"{registry.envs_for(kind)}")
+        print(f"{names}\n    takes {ENV_KINDS[kind].description}: {envs_for(kind)}")
     return 0
 
 

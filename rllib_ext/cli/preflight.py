@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rllib_ext import registry
+from rllib_ext.cli import env_kinds
 from rllib_ext.cli.errors import CLIError
 
 # Result keys Tune adds to every result, and RLlib's top-level and env-runner metrics.
@@ -39,15 +40,15 @@ OPEN_GROUPS = ("learners/", "timers/", "perf/", "fault_tolerance/", "env_runner_
 def check_env_for_algorithm(algo_name: str, algo_class: type, env: Any, source: str,
                             key: str) -> None:
     """Refuse an env the algorithm cannot train on (e.g. VCPO on CartPole)."""
-    kind = registry.algorithm_env_kind(algo_name, algo_class)
+    kind = env_kinds.algorithm_env_kind(algo_name, algo_class)
     env_class = registry.env_class(env)
     if env_class is registry.UNKNOWN_ENV_CLASS:  # a Tune-registered creator: cannot tell
         return
-    if not registry.ENV_KINDS[kind].accepts(env_class):
+    if not env_kinds.ENV_KINDS[kind].accepts(env_class):
         label = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
         raise CLIError(f"{algo_name} cannot train on '{label}': it takes "
-                       f"{registry.ENV_KINDS[kind].description}.", source=source, key=key,
-                       fix=f"use one of {registry.envs_for(kind)} (see `rllib list`).")
+                       f"{env_kinds.ENV_KINDS[kind].description}.", source=source, key=key,
+                       fix=f"use one of {env_kinds.envs_for(kind)} (see `rllib list`).")
 
 
 # ----------------------------------------------------------------------------- LLM inputs
