@@ -12,6 +12,7 @@ from envs.math.datasets import (
     ARITHMETIC_ENUMERATION_CAP,
     DatasetError,
     evaluate_arithmetic,
+    last_boxed_content,
     load_rows,
 )
 
@@ -182,6 +183,23 @@ def test_math_jsonl_boxed_and_answer_column(tmp_path):
         {"problem": "q", "solution": "", "answer": "\\text{(C)}"}])
     assert [p["answer"] for p in load_rows({"name": "math", "path": str(math500)},
                                            "train").rows] == ["\\frac{1}{2}", "\\text{(C)}"]
+
+
+@pytest.mark.parametrize("solution, expected", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{2} then \\boxed{3}", "3"),
+    ("\\fbox{x^{2}+1}", "x^{2}+1"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not close the box
+    ("\\boxed{\\}}", "\\}"),
+    ("$\\boxed 5$", "5"),
+    ("\\boxed{5\\text{ cm}}", "5\\text{ cm}"),  # the solution's own text, units kept
+    ("\\boxed{}", None),
+    ("\\boxed{12", None),  # unclosed
+    ("\\boxed{1} and \\boxed{2", None),  # the last box counts, even if unclosed
+    ("no box", None),
+])
+def test_gold_answer_of_a_math_solution(solution, expected):
+    assert last_boxed_content(solution) == expected
 
 
 def test_rows_with_a_prompt_column_keep_every_column(tmp_path):

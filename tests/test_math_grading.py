@@ -15,11 +15,13 @@ from envs.math.grading import (
     Grade,
     _exact_number_comparison,
     _math_verify_comparison,
+    _parse_whole,
     extract_answer,
-    last_boxed_content,
 )
 
-PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy evaluates the tower: hangs without a timeout
+PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # comparing it, sympy evaluates the tower: hangs
+# Reading it, math-verify's LaTeX parser backtracks for ever over the nested parentheses.
+UNPARSABLE = "\\boxed{" + "(" * 100 + "1" + ")" * 100 + "}"
 
 
 def hooked_verifier(predicted: str, gold: str) -> bool:
@@ -37,35 +39,42 @@ def hooked_verifier(predicted: str, gold: str) -> bool:
 HOOK = f"{__name__}:hooked_verifier"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("\\boxed{2} then \\boxed{3}", "3"),
-    ("\\fbox{x^{2}+1}", "x^{2}+1"),
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not close the box
-    ("\\boxed{\\}}", "\\}"),
-    ("$\\boxed 5$", "5"),
-    ("\\boxed{}", None),
-    ("\\boxed{12", None),  # truncated completion
-    ("\\boxed{1} and \\boxed{2", None),  # the last box counts, even if unclosed
-    ("no box", None),
-])
-def test_last_boxed_content(text, expected):
-    assert last_boxed_content(text) == expected
-
-
 @pytest.mark.parametrize("style, text, expected", [
+    # ours: the GSM8K "####" line, then math-verify reads the answer in it
     ("gsm8k", "3+4=7\n#### 7", "7"),
     ("gsm8k", "#### $1,234.50.\nbye", "1234.50"),
     ("gsm8k", "#### 1\n#### 2", "2"),
     ("gsm8k", "####", None),
+    ("gsm8k", "#### 72 apples", "72"),
+    # math-verify: an announced answer, else the last number or expression
     ("gsm8k", "The answer is 72.", "72"),
     ("gsm8k", "12-5=7, so x-3 is -3", "-3"),
+    ("gsm8k", "She pays $1,234.50 in total.", "1234.50"),
     ("gsm8k", "version v1.5", None),
     ("gsm8k", "half is 1/2", "1/2"),
-    ("gsm8k", "1,2,3", "3"),
-    ("plain", "  19\n20", "19"),
-    ("plain", "\n\n", None),
+    # Our old regex said "3"; math-verify reads "1,2" as a decimal comma. A list of numbers is
+    # no GSM8K answer either way.
+    ("gsm8k", "1,2,3", "1.2"),
+    # math-verify: the last \boxed{}, LaTeX normalised; ours: \fbox read as \boxed
+    ("boxed", "so \\boxed{\\frac12}.", "\\frac{1}{2}"),
+    ("boxed", "\\fbox{x^{2}+1}", "x^{2}+1"),
+    ("boxed", "\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not close the box
+    ("boxed", "The final answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),  # announced, in LaTeX
+    ("boxed", "The answer is 72", None),  # not LaTeX, not boxed
     ("boxed", "#### 7", None),
+    ("boxed", "\\boxed{}", None),
+    ("boxed", "\\boxed{12", None),  # truncated completion
+    # Boxes close together (or joined by "and" or a comma) are one answer, a set: a completion
+    # that boxes two candidates is not graded as either (our old rule took the last box).
+    ("boxed", "\\boxed{2} then \\boxed{3}", "2,3"),
+    ("boxed", "\\boxed{2} was my first guess but the carry makes it \\boxed{3}", "3"),
+    # Our old rule gave None (the last box is unclosed); math-verify takes the last complete one.
+    ("boxed", "\\boxed{1} and \\boxed{2", "1"),
+    # ours: a plain completion is its first line, taken whole
+    ("plain", "  19\n20", "19"),
+    ("plain", "19 because", "19 because"),
+    ("plain", "\n\n", None),
+    # auto: boxed, else gsm8k
     ("auto", "\\boxed{5} #### 6 and 7", "5"),
     ("auto", "#### 6 \n then 7", "6"),
     ("auto", "then 7", "7"),
@@ -73,6 +82,11 @@ def test_last_boxed_content(text, expected):
 ])
 def test_extract_answer(style, text, expected):
     assert extract_answer(text, style) == expected
+
+
+def test_extract_answer_rejects_an_unknown_style():
+    with pytest.raises(ValueError, match="style 'latex' is unknown"):
+        extract_answer("5", "latex")
 
 
 # style, completion, gold, correct, extracted
@@ -91,32 +105,37 @@ CASES = [
     ("gsm8k", "I do not know", "72", False, None),
     ("gsm8k", "#### 0.5", "\\frac{1}{2}", True, "0.5"),
     ("gsm8k", "#### 3/4", "0.75", True, "3/4"),
-    ("gsm8k", "#### 72 apples", "72", True, "72 apples"),
+    ("gsm8k", "#### 72 apples", "72", True, "72"),
+    ("gsm8k", "So she has 50% of them left", "0.5", True, "50"),  # math-verify: percent
     # MATH style
-    ("boxed", "\\boxed{\\frac12}", "0.5", True, "\\frac12"),
-    ("boxed", "\\boxed{1/2}", "\\frac{1}{2}", True, "1/2"),
-    ("boxed", "\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True, "\\dfrac{3}{4}"),
+    ("boxed", "\\boxed{\\frac12}", "0.5", True, "\\frac{1}{2}"),
+    ("boxed", "\\boxed{1/2}", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("boxed", "\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True, "\\frac{3}{4}"),
     ("boxed", "\\boxed{-\\frac{1}{2}}", "-0.5", True, "-\\frac{1}{2}"),
     ("boxed", "\\boxed{0.33}", "\\frac{1}{3}", False, "0.33"),
-    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "3", True, "3"),
-    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "2", False, "3"),
+    # Two boxed candidates are one answer, {2, 3}: neither candidate alone earns the reward
+    # (our old rule took the last box and paid for hedging); a gold set of both does.
+    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "3", False, "2,3"),
+    ("boxed", "first \\boxed{2}, finally \\boxed{3}", "2", False, "2,3"),
+    ("boxed", "\\boxed{2} and \\boxed{3}", "\\{2, 3\\}", True, "2,3"),
     ("boxed", "\\fbox{x^2+1}", "1+x^2", True, "x^2+1"),
     ("boxed", "\\boxed{x+1}", "x+2", False, "x+1"),
     ("boxed", "\\boxed{3\\sqrt{2}}", "\\sqrt{18}", True, "3\\sqrt{2}"),
     ("boxed", "\\boxed{\\text{(C)}}", "\\text{(C)}", True, "\\text{(C)}"),
     ("boxed", "\\boxed{\\text{(B)}}", "\\text{(C)}", False, "\\text{(B)}"),
     ("boxed", "\\boxed{\\text{Monday}}", "\\text{Monday}", True, "\\text{Monday}"),
-    ("boxed", "\\boxed{5\\text{ cm}}", "5", True, "5\\text{ cm}"),
+    ("boxed", "\\boxed{5\\text{ cm}}", "5", True, "5"),  # math-verify drops units
     ("boxed", "\\boxed{(1,2)}", "(1, 2)", True, "(1,2)"),
     ("boxed", "\\boxed{1,000}", "1000", True, "1,000"),
     ("boxed", "\\boxed{\\pi}", "3.14", False, "\\pi"),
     ("boxed", "The answer is 72", "72", False, None),
+    ("boxed", "The answer is $72$", "72", True, "72"),  # announced, in LaTeX
     ("boxed", "\\boxed{12", "12", False, None),
     # the tiny arithmetic model
     ("plain", "19\n", "19", True, "19"),
     ("plain", "-4", "-4", True, "-4"),
     ("plain", "19\n20", "20", False, "19"),
-    ("plain", "19 because", "19", False, "19 because"),
+    ("plain", "19 because", "19", False, "19 because"),  # the whole first line is the answer
     ("plain", "", "19", False, None),
     # auto: boxed, then ####, then the last number
     ("auto", "so \\boxed{7} #### 8", "7", True, "7"),
@@ -159,7 +178,9 @@ def test_grade_many_keeps_order_and_counts():
 
 def test_exact_number_path_agrees_with_math_verify():
     """The sympy-free path for plain numbers decides like math-verify does."""
-    compare = _math_verify_comparison()
+    def compare(predicted, gold):  # math-verify's comparison, the exact path skipped
+        return _math_verify_comparison(predicted, _parse_whole(predicted), gold)
+
     rng = random.Random(0)
     pairs = [("72", "72.0"), ("007", "7"), ("-0", "0"), ("1.50", "1.5"), ("3", "4"),
              ("-3", "3"), ("2.5", "2.50"), ("10", "1")]
@@ -178,14 +199,16 @@ def test_exact_number_path_agrees_with_math_verify():
 def test_pathological_input_times_out_and_checker_recovers():
     with AnswerChecker("boxed", timeout_s=1) as checker:
         start = time.monotonic()
-        grades = checker.grade_many(["\\boxed{2}", PATHOLOGICAL, "\\boxed{\\frac{1}{2}}"],
-                                    ["2", "5", "0.5"])
+        grades = checker.grade_many(
+            ["\\boxed{2}", PATHOLOGICAL, UNPARSABLE, "\\boxed{\\frac{1}{2}}"], ["2", "5", "1", "0.5"])
         assert time.monotonic() - start < 20
-        assert grades[1] == Grade(0.0, False, "9^{9^{9^{9}}}", "timeout")
-        assert grades[2].correct  # items after the timed-out one are graded
-        assert checker.counters["timeouts"] == 1 and checker.counters["errors"] == 0
+        assert grades[1] == Grade(0.0, False, "9^{9^{9^{9}}}", "timeout")  # read, not compared
+        assert grades[2] == Grade(0.0, False, None, "timeout")  # reading it timed out
+        assert grades[3].correct  # items after the timed-out ones are graded
+        assert checker.counters["timeouts"] == 2 and checker.counters["errors"] == 0
+        assert checker.counters["no_answer"] == 0  # a timeout is not a missing answer
         pid = checker.worker_pid
-        assert checker.grade("\\boxed{3}", "3").correct  # int fast path
+        assert checker.grade("\\boxed{3}", "3").correct
         assert checker.grade("\\boxed{x^2}", "x^{2}").correct
         assert checker.worker_pid == pid  # the child's own timer fired; no restart
 
@@ -210,11 +233,11 @@ def test_watchdog_kills_a_child_that_ignores_the_timer():
         start = time.monotonic()
         grades = checker.grade_many(["hang", "8", "9"], ["1", "8", "1"])
         elapsed = time.monotonic() - start
-        assert grades[0] == Grade(0.0, False, "hang", "timeout")
+        assert grades[0] == Grade(0.0, False, None, "timeout")  # the killed child's reading
         assert [g.correct for g in grades[1:]] == [True, False]  # graded by a fresh child
         assert 2.5 <= elapsed < 30  # watchdog: 2 * timeout_s + 2 s
         assert checker.worker_pid not in (None, first_pid)
-        assert checker.counters["timeouts"] == 1
+        assert checker.counters["timeouts"] == 1 and checker.counters["no_answer"] == 0
         assert checker.grade("5", "5").correct
 
 
@@ -259,7 +282,6 @@ def test_bad_arguments_are_rejected():
 
 def test_child_starts_lazily_and_close_stops_it():
     checker = AnswerChecker("boxed")
-    assert checker.grade("\\boxed{4}", "4").correct  # exact path: no child needed
     assert checker.worker_pid is None
     assert checker.grade("\\boxed{2^2}", "4").correct
     pid = checker.worker_pid

@@ -26,11 +26,12 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.math.grading import hashes_answer, last_boxed_content
+from envs.math.grading import hashes_answer
 from envs.validation import ConfigError, check_known_keys
 from rllib_ext.llm.columns import ANSWER, MESSAGES, PROMPT, UID
 
@@ -360,6 +361,41 @@ def _prompt(row: Mapping, key: str):
     if isinstance(value, list):
         return _conversation(value, key)
     return _text(row, key, "prompt", "dataset.prompt_field").strip()
+
+
+_BOXED_COMMAND = re.compile(r"\\(?:boxed|fbox)")
+
+
+def last_boxed_content(text: str) -> str | None:
+    r"""Content of the last ``\boxed{...}`` or ``\fbox{...}`` (balanced braces; ``\{`` and ``\}``
+    do not count), or the token after ``\boxed `` (``\boxed 5``). None when there is no such
+    command, or when the last one is unclosed or empty.
+
+    Ours: a row keeps the solution's own text (math-verify's parse normalises it, dropping
+    units), and a missing or unclosed box must be a bad row, which its box reader (imported
+    with sympy, seconds in the driver) does not report."""
+    matches = list(_BOXED_COMMAND.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end():]
+    if not rest.startswith("{"):
+        token = re.match(r"\s+([^\s$]+)", rest)
+        return token.group(1) if token else None
+    depth = 0
+    i = 0
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i].strip() or None
+        i += 1
+    return None
 
 
 def _gold_answer(text: str, key: str, answer_format: str) -> str:

@@ -248,7 +248,7 @@ class MathEnv:
         for info, grade in zip(infos, grades, strict=True):
             info.update(correct=grade.correct, extracted=grade.extracted,
                         checker_failure=grade.failure)
-        counts = {"no_answer": sum(g.extracted is None for g in grades),
+        counts = {"no_answer": sum(g.no_answer for g in grades),
                   "checker_timeouts": sum(g.failure == "timeout" for g in grades),
                   "checker_errors": sum(g.failure == "error" for g in grades)}
         return Scores(rewards, per_function, correct=[g.correct for g in grades], counts=counts,

@@ -1,18 +1,20 @@
-"""Answer checking: extract the final answer from a completion, compare it with math-verify.
+"""Answer checking: read the final answer of a completion and compare it with the gold answer,
+both with math-verify, in a persistent child process under a per-answer timeout.
 
-Extraction (regexes, linear time) runs in the caller's process. Comparison of plain numbers
-takes a fast exact path; everything else goes to ``math_verify.parse`` + ``math_verify.verify``
-in one persistent child process, because sympy can hang and the only reliable interruption,
-SIGALRM, works in a main thread only: callers are Ray workers and vLLM processes whose grading
-code may not run in the main thread. The child is a fresh interpreter (fork + immediate exec,
-like multiprocessing's "spawn"; a plain fork of a process with threads can deadlock), started
-lazily on first use and reused.
+Reading the answer is math-verify's ``parse`` with the extraction configs of each style (see
+``extract_answer``); our own rules are only those math-verify has no notion of: the GSM8K
+``####`` line, the first line of a ``plain`` completion, and ``\\fbox`` read as ``\\boxed``.
+Both reading and comparing run in the child, because sympy (behind math-verify's parser and
+comparison) can hang, and the only reliable interruption, SIGALRM, works in a main thread only:
+callers are Ray workers and vLLM processes whose grading code may not run in the main thread.
+The child is a fresh interpreter (fork + immediate exec, like multiprocessing's "spawn"; a plain
+fork of a process with threads can deadlock), started lazily on first use and reused.
 
 Two timeout layers:
-- in the child, one SIGALRM timer of ``timeout_s`` bounds each item (extraction-parse of both
-  answers and the comparison together). math-verify's own per-stage ``alarm()`` timeouts are
-  switched off: they take whole seconds, cancel any enclosing timer, and turn a timeout into a
-  plain ``False``, indistinguishable from a wrong answer.
+- in the child, one SIGALRM timer of ``timeout_s`` bounds each item (reading the completion's
+  answer, parsing the gold answer and comparing them together). math-verify's own per-stage
+  ``alarm()`` timeouts are switched off: they take whole seconds, cancel any enclosing timer,
+  and turn a timeout into a plain ``False``, indistinguishable from a wrong answer.
 - in the caller, a watchdog waits ``2 * timeout_s + 2`` s per item; a child stuck in C code that
   ignores the signal is killed, the item graded as a timeout, and a fresh child grades the rest.
 """
@@ -50,51 +52,25 @@ _START_TIMEOUT_S = 120.0
 class Grade:
     reward: float  # 1.0 if correct else 0.0
     correct: bool
-    extracted: str | None  # the answer extracted from the completion (None if none)
+    # The answer read from the completion: None if it holds none, or if grading failed first.
+    extracted: str | None
     failure: str | None  # None, "timeout" or "error" (checker exception)
+
+    @property
+    def no_answer(self) -> bool:
+        """The completion holds no final answer (a timeout or error is not counted here)."""
+        return self.extracted is None and self.failure is None
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction (pure functions; also used by datasets.py for gold answers)
+# Reading answers (pure functions; math-verify is imported on first use, in the child)
 
-_BOXED_COMMAND = re.compile(r"\\(?:boxed|fbox)")
-# A number: optional sign (not after a word character, so "x-5" gives "5"), thousands groups or
-# digits, optional decimals, optional "/denominator".
-_NUMBER = re.compile(r"(?:(?<![\w.)])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _INTEGER = re.compile(r"-?\d+")
 _DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def last_boxed_content(text: str) -> str | None:
-    r"""Content of the last ``\boxed{...}`` or ``\fbox{...}`` (balanced braces; ``\{`` and ``\}``
-    do not count), or the token after ``\boxed `` (``\boxed 5``). None when there is no such
-    command, or when the last one is unclosed (a truncated completion) or empty."""
-    matches = list(_BOXED_COMMAND.finditer(text))
-    if not matches:
-        return None
-    rest = text[matches[-1].end():]
-    if not rest.startswith("{"):
-        token = re.match(r"\s+([^\s$]+)", rest)
-        return token.group(1) if token else None
-    depth = 0
-    i = 0
-    while i < len(rest):
-        ch = rest[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:i].strip() or None
-        i += 1
-    return None
-
-
-def normalize_number_text(text: str) -> str:
+def _normalize_number_text(text: str) -> str:
     """Strip markup around a short numeric answer: ``**``, ``$``, a trailing full stop, and
     thousands separators ("1,000" -> "1000"; "1,2" stays)."""
     text = text.strip().strip("*").strip().replace("\\$", "").replace("$", "").strip()
@@ -103,44 +79,99 @@ def normalize_number_text(text: str) -> str:
 
 
 def hashes_answer(text: str) -> str | None:
-    """GSM8K convention: the first line after the last ``####``, normalised; None if absent."""
+    """GSM8K convention: the first line after the last ``####``, normalised (a GSM8K row stores
+    "1500" for "$1,500."); None if absent.
+
+    Ours: math-verify has no notion of GSM8K's ``####`` marker (its free extraction would take
+    the last number of the whole text, which need not be the one after ``####``)."""
     position = text.rfind("####")
     if position < 0:
         return None
     tail = text[position + 4:].strip()
     first_line = tail.split("\n", 1)[0] if tail else ""
-    return normalize_number_text(first_line) or None
+    return _normalize_number_text(first_line) or None
 
 
-def last_number(text: str) -> str | None:
-    """The last number in the text (sign, thousands separators, decimals, simple fraction)."""
-    numbers = _NUMBER.findall(text)
-    return normalize_number_text(numbers[-1]) if numbers else None
+@functools.cache
+def _extraction_configs() -> dict[str, tuple]:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return {
+        # \boxed{...} first, then "final answer is $...$" / "answer: $...$"; nothing unanchored.
+        "boxed": (LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),),
+        # math-verify's defaults: anchored answers, then the last LaTeX, number or expression.
+        "free": (LatexExtractionConfig(), ExprExtractionConfig()),
+        # A text that is the answer itself (gold answers, plain completions), read as \boxed{text}
+        # so that math-verify's LaTeX normalisation (units, \text, \dfrac, ...) applies.
+        "whole": (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
+    }
+
+
+def _parse(text: str, configs: str) -> list:
+    """math-verify's parse: [] (nothing found), [value, text] or [text] (found, not parsed)."""
+    import math_verify
+
+    return math_verify.parse(text, extraction_config=_extraction_configs()[configs],
+                             parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_whole(answer: str) -> list:
+    """An answer text parsed as a whole (cached: every sample of a prompt shares the gold, and
+    samples of a group often repeat an answer)."""
+    return _parse("\\boxed{" + answer + "}", "whole")
+
+
+def _first_line(completion: str) -> str | None:
+    # Ours: a plain completion is the answer itself; math-verify only searches text for one.
+    return completion.strip().split("\n", 1)[0].strip() or None
+
+
+def _read_answer(completion: str, style: str) -> tuple[str | None, list | None]:
+    """(the answer's text, math-verify's parse of it) per style. The parse is None for a text
+    that is the answer itself (a plain completion's line, a plain number after ``####``): it is
+    compared exactly where it is a plain number, else parsed whole."""
+    if style == "plain":
+        return _first_line(completion), None
+    if style in ("boxed", "auto"):
+        # Ours: math-verify's extraction patterns know \boxed only (its normaliser reads \fbox).
+        parsed = _parse(completion.replace("\\fbox", "\\boxed"), "boxed")
+        if parsed or style == "boxed":
+            return _parsed_text(parsed), parsed
+    if "####" in completion:  # gsm8k, and auto without a boxed answer
+        line = hashes_answer(completion)
+        if line is None:
+            return None, []
+        if _DECIMAL.fullmatch(line):
+            return line, None  # a plain number: compared without sympy
+        parsed = _parse(line, "free")
+    else:
+        parsed = _parse(completion, "free")
+    return _parsed_text(parsed), parsed
+
+
+def _parsed_text(parsed: list) -> str | None:
+    if not parsed:
+        return None
+    text = parsed[-1]  # parse appends the matched text (normalised) after the parsed value
+    return text if isinstance(text, str) else str(text)
 
 
 def extract_answer(completion: str, style: str = "auto") -> str | None:
-    r"""The final answer of a completion, or None.
+    r"""The final answer of a completion as text, or None.
 
-    style: "boxed" (last ``\boxed{}``/``\fbox{}``), "gsm8k" (after the last ``####``, else the
-    last number), "plain" (the first line of the stripped completion), "auto" (boxed, then
-    ``####``, then the last number).
+    style: "boxed" (math-verify: the last ``\boxed{}``, else an answer announced with "final
+    answer is" or "answer:" in LaTeX), "gsm8k" (the line after the last ``####``, else
+    math-verify's reading of the whole text: an announced answer, else the last number,
+    expression or LaTeX), "plain" (the first line of the stripped completion), "auto" (boxed,
+    else gsm8k).
+
+    math-verify's parser can hang on pathological input; ``AnswerChecker`` runs this in its child
+    process under a timeout.
     """
-    if style == "plain":
-        first_line = completion.strip().split("\n", 1)[0].strip()
-        return first_line or None
-    if style == "boxed":
-        return last_boxed_content(completion)
-    if style == "gsm8k":
-        if "####" in completion:
-            return hashes_answer(completion)
-        return last_number(completion)
-    if style == "auto":
-        for extract in (last_boxed_content, hashes_answer, last_number):
-            answer = extract(completion)
-            if answer is not None:
-                return answer
-        return None
-    raise ValueError(f"answer style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    if style not in STYLES:
+        raise ValueError(f"answer style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    return _read_answer(completion, style)[0]
 
 
 def _exact_number_comparison(predicted: str, gold: str) -> bool | None:
@@ -153,6 +184,19 @@ def _exact_number_comparison(predicted: str, gold: str) -> bool | None:
         if _INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(gold):
             return False
     return None
+
+
+def _math_verify_comparison(answer: str, parsed: list | None, gold: str) -> bool:
+    """Is the answer (its text, and math-verify's parse of it or None) the gold answer?"""
+    import math_verify
+
+    if parsed is None:  # a plain answer
+        exact = _exact_number_comparison(answer, gold)
+        if exact is not None:
+            return exact
+        parsed = _parse_whole(answer)
+    gold_parsed = _parse_whole(gold)
+    return bool(gold_parsed) and math_verify.verify(gold_parsed, parsed, timeout_seconds=None)
 
 
 def _as_text(value) -> str:
@@ -183,59 +227,45 @@ def _on_alarm(signum, frame):
     raise _ItemTimeout()
 
 
-def _math_verify_comparison():
-    """(predicted, gold) -> bool with math-verify; parsed answers are cached (a group of samples
-    often repeats answers, and every sample of a prompt shares the gold)."""
-    import math_verify
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
-
-    # Its "timeout disabled" warning: the child's own timer bounds every item.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # The answers are already extracted; wrapping them in \boxed{} lets math-verify's LaTeX
-    # normalisation (units, \text, \dfrac, ...) apply, with plain expressions as a fallback.
-    configs = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-
-    @functools.lru_cache(maxsize=8192)
-    def parse_answer(answer: str):
-        return math_verify.parse("\\boxed{" + answer + "}", extraction_config=configs,
-                                 parsing_timeout=None)
-
-    def compare(predicted: str, gold: str) -> bool:
-        gold_parsed = parse_answer(gold)
-        return bool(gold_parsed) and math_verify.verify(gold_parsed, parse_answer(predicted),
-                                                        timeout_seconds=None)
-
-    return compare
-
-
-def _grade_in_child(compare, predicted: str, gold: str, timeout_s: float):
+def _grade_in_child(style: str, compare, completion: str, gold: str, timeout_s: float
+                    ) -> tuple[bool, str | None, str | None]:
+    """(correct, failure, extracted) of one item, reading and comparing under one timer."""
     global _timer_fired
     _timer_fired = False
+    extracted = None
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         try:
-            correct = bool(compare(predicted, gold))
+            extracted, parsed = _read_answer(completion, style)
+            correct = extracted is not None and bool(compare(extracted, parsed, gold))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _ItemTimeout:
-        return False, "timeout"
+        return False, "timeout", extracted
     except Exception:
-        logger.debug("answer comparison failed", exc_info=True)
-        return False, "error"
+        logger.debug("answer checking failed", exc_info=True)
+        return False, "error", extracted
     # A library that swallowed the timer's exception still returns late: count it as a timeout.
-    return (False, "timeout") if _timer_fired else (correct, None)
+    return (False, "timeout", extracted) if _timer_fired else (correct, None, extracted)
 
 
-def _child_main(fd: int, timeout_s: float, verifier: str | None) -> None:
-    """Entry point of the grading process: grade (predicted, gold) batches read from ``fd``."""
+def _child_main(fd: int, timeout_s: float, style: str, verifier: str | None) -> None:
+    """Entry point of the grading process: grade (completion, gold) batches read from ``fd``."""
     conn = multiprocessing.connection.Connection(fd)
     try:
+        # Its "timeout disabled" warning: the child's own timer bounds every item.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
         if verifier is None:
-            compare = _math_verify_comparison()
-            compare("1", "1")  # first call builds parsers and caches (~0.2 s)
+            compare = _math_verify_comparison
         else:
             module_name, _, attribute = verifier.partition(":")
-            compare = getattr(importlib.import_module(module_name), attribute)
+            function = getattr(importlib.import_module(module_name), attribute)
+
+            def compare(answer, parsed, gold):
+                return function(answer, gold)
+        if style != "plain" or verifier is None:
+            # The first call imports sympy and builds math-verify's parsers (~1 s).
+            _math_verify_comparison(*_read_answer("\\boxed{\\frac{1}{2}}", "boxed"), "0.5")
     except BaseException:
         conn.send(("failed", traceback.format_exc()))
         return
@@ -248,8 +278,8 @@ def _child_main(fd: int, timeout_s: float, verifier: str | None) -> None:
             return
         if batch is None:
             return
-        for predicted, gold in batch:
-            conn.send(_grade_in_child(compare, predicted, gold, timeout_s))
+        for completion, gold in batch:
+            conn.send(_grade_in_child(style, compare, completion, gold, timeout_s))
 
 
 # A fresh interpreter (fork + immediate exec, as multiprocessing's "spawn" does) rather than
@@ -257,7 +287,8 @@ def _child_main(fd: int, timeout_s: float, verifier: str | None) -> None:
 # scripts without an ``if __name__ == "__main__"`` guard, and daemonic processes may not use it.
 _CHILD_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
                f"from {__name__} import _child_main; "
-               "_child_main(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] or None)")
+               "_child_main(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], "
+               "sys.argv[5] or None)")
 
 
 def _stop_child(process: subprocess.Popen, conn) -> None:
@@ -276,12 +307,12 @@ def _stop_child(process: subprocess.Popen, conn) -> None:
 class _GradingChild:
     """One grading process plus its socket; stopped when closed or garbage-collected."""
 
-    def __init__(self, timeout_s: float, verifier: str | None):
+    def __init__(self, timeout_s: float, style: str, verifier: str | None):
         parent_socket, child_socket = socket.socketpair()
         with child_socket:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOT, json.dumps(sys.path),
-                 str(child_socket.fileno()), repr(timeout_s), verifier or ""],
+                 str(child_socket.fileno()), repr(timeout_s), style, verifier or ""],
                 pass_fds=[child_socket.fileno()], stdin=subprocess.DEVNULL)
         self.conn = multiprocessing.connection.Connection(parent_socket.detach())
         self._finalizer = weakref.finalize(self, _stop_child, self.process, self.conn)
@@ -312,11 +343,11 @@ class _GradingChild:
 class AnswerChecker:
     """Grades completions against gold answers; never raises on bad or pathological answers.
 
-    ``style``: how the answer is extracted from a completion (see ``extract_answer``).
-    ``timeout_s``: per-item budget for math-verify (seconds, may be fractional).
+    ``style``: how the answer is read from a completion (see ``extract_answer``).
+    ``timeout_s``: per-item budget for reading and comparing (seconds, may be fractional).
     ``verifier``: optional ``"module:function"`` of a ``(predicted, gold) -> bool`` run in the
-    grading process instead of math-verify (custom answer types); disables the exact
-    number path so that it sees every extracted answer.
+    grading process instead of math-verify's comparison (custom answer types); it receives the
+    answer text as ``extract_answer`` reads it.
 
     ``counters`` (cumulative): checked, correct, no_answer, timeouts, errors.
     Thread-safe; picklable (a copy starts its own child).
@@ -351,31 +382,16 @@ class AnswerChecker:
         return self.grade_many([completion], [gold])[0]
 
     def grade_many(self, completions: list[str], golds: list[str]) -> list[Grade]:
-        """Grade a batch; items that need math-verify travel to the child in one message."""
+        """Grade a batch; it travels to the child in one message."""
         if len(completions) != len(golds):
             raise ValueError(f"grade_many got {len(completions)} completions but "
                              f"{len(golds)} gold answers; pass one gold answer per completion")
-        extracted = [extract_answer(_as_text(c), self.style) for c in completions]
-        gold_texts = [_as_text(g).strip() for g in golds]
-        outcomes: list[tuple[bool, str | None] | None] = [None] * len(extracted)
-        to_child = []
-        for i, (answer, gold) in enumerate(zip(extracted, gold_texts, strict=True)):
-            if answer is None:
-                outcomes[i] = (False, None)
-                continue
-            exact = None if self.verifier else _exact_number_comparison(answer, gold)
-            if exact is None:
-                to_child.append(i)
-            else:
-                outcomes[i] = (exact, None)
+        items = [(_as_text(completion), _as_text(gold).strip())
+                 for completion, gold in zip(completions, golds, strict=True)]
         with self._lock:
-            if to_child:
-                child_outcomes = self._compare_in_child([(extracted[i], gold_texts[i])
-                                                         for i in to_child])
-                for i, outcome in zip(to_child, child_outcomes, strict=True):
-                    outcomes[i] = outcome
-            grades = [Grade(1.0 if correct else 0.0, correct, answer, failure)
-                      for (correct, failure), answer in zip(outcomes, extracted, strict=True)]
+            outcomes = self._grade_in_child(items) if items else []
+            grades = [Grade(1.0 if correct else 0.0, correct, extracted, failure)
+                      for correct, failure, extracted in outcomes]
             self._count(grades)
         return grades
 
@@ -384,15 +400,16 @@ class AnswerChecker:
         c["checked"] += len(grades)
         for grade in grades:
             c["correct"] += grade.correct
-            c["no_answer"] += grade.extracted is None
+            c["no_answer"] += grade.no_answer
             c["timeouts"] += grade.failure == "timeout"
             c["errors"] += grade.failure == "error"
 
-    def _compare_in_child(self, pairs: list[tuple[str, str]]) -> list[tuple[bool, str | None]]:
-        outcomes: list[tuple[bool, str | None]] = []
+    def _grade_in_child(self, items: list[tuple[str, str]]
+                        ) -> list[tuple[bool, str | None, str | None]]:
+        outcomes: list[tuple[bool, str | None, str | None]] = []
         watchdog_s = 2 * self.timeout_s + _WATCHDOG_GRACE_S
-        while len(outcomes) < len(pairs):
-            remaining = pairs[len(outcomes):]
+        while len(outcomes) < len(items):
+            remaining = items[len(outcomes):]
             child = self._running_child()
             try:
                 child.conn.send(remaining)
@@ -400,7 +417,7 @@ class AnswerChecker:
                 self._discard_child()
                 child = self._running_child()
                 child.conn.send(remaining)
-            for predicted, _ in remaining:
+            for completion, _ in remaining:
                 failure = None
                 try:
                     if child.conn.poll(watchdog_s):
@@ -409,10 +426,10 @@ class AnswerChecker:
                     failure = "timeout"
                 except (EOFError, OSError):
                     failure = "error"
-                logger.warning("answer-checking process %s on answer %r; restarting it",
-                               "hung" if failure == "timeout" else "died", predicted[:200])
+                logger.warning("answer-checking process %s on completion %r; restarting it",
+                               "hung" if failure == "timeout" else "died", completion[:200])
                 self._discard_child()
-                outcomes.append((False, failure))
+                outcomes.append((False, failure, None))
                 break
         return outcomes
 
@@ -420,7 +437,7 @@ class AnswerChecker:
         if self._child is None or not self._child.alive:
             if self._child is not None:
                 self._discard_child()
-            self._child = _GradingChild(self.timeout_s, self.verifier)
+            self._child = _GradingChild(self.timeout_s, self.style, self.verifier)
         return self._child
 
     def _discard_child(self) -> None:
