@@ -45,6 +45,13 @@ from ray.rllib.utils.metrics import (
 from rllib_ext.llm.causal_lm_module import token_spaces
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.tiny import resolve_model
+from rllib_ext.llm.weight_sync import (
+    WeightManifest,
+    WeightSyncError,
+    bucket_bytes_from_mb,
+    fetch_weight_buckets,
+    load_state_dict,
+)
 
 BEHAVIOUR_LOGP = "behaviour_logp"
 RESPONSE_LENGTH = "response_length"
@@ -267,14 +274,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     import ray  # an ObjectRef
 
                     module_state = ray.get(module_state)
-                if DEFAULT_MODULE_ID in module_state:
+                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
                     module_state = module_state[DEFAULT_MODULE_ID]
-                started = time.perf_counter()
-                with self._exit_if_engine_dies():
-                    self.backend.load_weights(hf_state_dict_from_module_state(module_state))
-                self.metrics.log_value("weight_sync_time_s", time.perf_counter() - started,
-                                       reduce="mean")
-                self.metrics.log_value("num_weight_syncs", 1, reduce="lifetime_sum")
+                self._load_weights(module_state, version)
             if version > 0:
                 self._weights_seq_no = version
         if ENV_STATE in state and self.env is not None:
@@ -283,6 +285,37 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self._next_group = int(state[NEXT_GROUP])
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def _load_weights(self, module_state, version: int) -> None:
+        """Load a :class:`WeightManifest` (buckets in Ray's object store) or a module state
+        (numpy arrays, e.g. from a checkpoint) into the engine, in buckets. A sync that does
+        not arrive whole leaves the engine with a partial update: the runner exits for a
+        restart, as on a dead engine."""
+        started = time.perf_counter()
+        with self._exit_if_engine_dies():
+            try:
+                if isinstance(module_state, WeightManifest):
+                    report = self.backend.load_weight_buckets(
+                        fetch_weight_buckets(module_state), version=version,
+                        count=module_state.count)
+                else:
+                    report = load_state_dict(
+                        self.backend, hf_state_dict_from_module_state(module_state),
+                        version=version,
+                        bucket_bytes=bucket_bytes_from_mb(self.config.weight_sync_bucket_mb))
+            except WeightSyncError as error:
+                exit_for_restart(f"LLMEnvRunner {self.worker_index}: WeightSyncError: {error} "
+                                 "The engine holds a partial update; exiting so that RLlib "
+                                 "restarts this runner.")
+        self.metrics.log_value("weight_sync_time_s", time.perf_counter() - started,
+                               reduce="mean")
+        self.metrics.log_value("weight_sync_buckets", report["buckets_received"],
+                               reduce="mean")
+        self.metrics.log_value("num_weight_syncs", 1, reduce="lifetime_sum")
+
+    def weight_dtype(self) -> str:
+        """The engine's weight dtype (what a weight sync sends), e.g. "bfloat16"."""
+        return str(self.backend.dtype).removeprefix("torch.")
 
     def get_state(self, components: str | Collection[str] | None = None, *,
                   not_components: str | Collection[str] | None = None, **kwargs) -> dict:

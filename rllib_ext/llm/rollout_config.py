@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 
+from rllib_ext.llm.weight_sync import DEFAULT_BUCKET_MB
+
 
 class LLMRolloutConfig(AlgorithmConfig):
     """An AlgorithmConfig whose env runners are :class:`~rllib_ext.llm.env_runner.LLMEnvRunner`
@@ -29,6 +31,7 @@ class LLMRolloutConfig(AlgorithmConfig):
         self.max_response_tokens = 8
         self.engine_kwargs = {}
         self.engine_in_process = "auto"
+        self.weight_sync_bucket_mb = DEFAULT_BUCKET_MB
         self.eval_temperature = 0.0
         self.eval_top_p = 1.0
         self.eval_split = "test"
@@ -38,7 +41,7 @@ class LLMRolloutConfig(AlgorithmConfig):
                      num_generations=NotProvided, prompts_per_sample=NotProvided,
                      temperature=NotProvided, top_p=NotProvided, max_prompt_tokens=NotProvided,
                      max_response_tokens=NotProvided, engine_kwargs=NotProvided,
-                     engine_in_process=NotProvided,
+                     engine_in_process=NotProvided, weight_sync_bucket_mb=NotProvided,
                      eval_temperature=NotProvided, eval_top_p=NotProvided,
                      eval_split=NotProvided,
                      eval_num_problems=NotProvided) -> LLMRolloutConfig:
@@ -59,6 +62,9 @@ class LLMRolloutConfig(AlgorithmConfig):
                 the extra engine processes cost more CPU than they save (1.4-1.8x the
                 tokens/s on 2 cores, bench/results/rollout_throughput.md), separate on GPUs,
                 where they overlap scheduling with the GPU's work.
+            weight_sync_bucket_mb: the largest message of a weight sync, in MiB (default
+                256): weights travel to the engines in buckets of at most this size, in the
+                engine's dtype, whatever the model's size.
             eval_temperature, eval_top_p: evaluation sampling (temperature 0 = greedy).
             eval_split, eval_num_problems: the held-out split and how many of its problems
                 (None = all) the accuracy evaluation uses.
@@ -77,6 +83,18 @@ class LLMRolloutConfig(AlgorithmConfig):
         if self.generation_backend not in ("vllm", "transformers"):
             self._value_error(f"generation_backend must be 'vllm' or 'transformers', got "
                               f"{self.generation_backend!r}.")
+        if self.generation_backend == "vllm":
+            from rllib_ext.llm.engine_version import UnsupportedVLLMVersion, check_vllm_version
+
+            try:
+                check_vllm_version()
+            except UnsupportedVLLMVersion as error:
+                self._value_error(str(error))
+        bucket_mb = self.weight_sync_bucket_mb
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) \
+                or not bucket_mb > 0:
+            self._value_error(f"weight_sync_bucket_mb must be a number > 0 (MiB per weight-sync "
+                              f"message), got {bucket_mb!r}.")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 for training rollouts (the learner "
                               f"scores tokens at the same temperature), got {self.temperature}.")

@@ -19,7 +19,7 @@ import time
 import ray
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import NotProvided
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -33,6 +33,7 @@ from rllib_ext.algorithms.vcpo.staleness import StalenessController
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
+from rllib_ext.llm.weight_sync import bucket_bytes_from_mb, put_weight_buckets
 from rllib_ext.utils.heap import MAX_KEEP_BYTES
 from rllib_ext.utils.operation_watch import OperationWatch
 
@@ -202,10 +203,17 @@ class VCPOConfig(LLMRolloutConfig):
                     "venv-gpu), or on CPU use tuned_examples/vcpo_math_tiny.yaml.")
 
 
-def _evaluate_with(runner, weights_ref) -> dict:
-    """On an env runner: load ``weights_ref`` (if newer than its own), then evaluate."""
-    runner.set_state(ray.get(weights_ref))
+def _evaluate_with(runner, weights) -> dict:
+    """On an env runner: load ``weights`` (if newer than its own), then evaluate."""
+    runner.set_state(weights)
     return runner.evaluate()
+
+
+def _put_learner_weights(learner, *, version: int, dtype, bucket_bytes: int):
+    """On a learner: its module's weights, in buckets in Ray's object store."""
+    module = learner.module[DEFAULT_MODULE_ID]
+    return put_weight_buckets(module.hf_state_dict().items(), version=version,
+                              bucket_bytes=bucket_bytes, dtype=dtype)
 
 
 class VCPO(Algorithm):
@@ -228,8 +236,9 @@ class VCPO(Algorithm):
         self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
         self._sent_version = {i: 0 for i in self.env_runner_group.healthy_env_runner_ids()}
-        self._weights_ref = None
-        self._weights_ref_version = -1
+        self._weights = None
+        self._weights_version = -1
+        self._engine_dtype = self._query_engine_dtype()
         self._runner_states: dict[int, dict] = {}
         self._watch = OperationWatch({"sample": self.config.sample_timeout_s,
                                       "set_state": self.config.weight_sync_timeout_s})
@@ -239,6 +248,17 @@ class VCPO(Algorithm):
             self.config.max_staleness, self.config.train_batch_size_per_learner,
             max_requests_per_runner=self.config.max_requests_in_flight_per_env_runner,
             learner_version=learner_version)
+
+    def _query_engine_dtype(self):
+        """The engines' weight dtype (weights are sent in it), asked of one env runner."""
+        import torch
+
+        if self.env_runner_group.num_remote_env_runners() == 0:
+            name = self.env_runner.weight_dtype()
+        else:
+            name = self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.weight_dtype(), local_env_runner=False)[0]
+        return getattr(torch, name)
 
     # ------------------------------------------------------------------ the loop
 
@@ -280,7 +300,7 @@ class VCPO(Algorithm):
             # carries (is queued right behind) the weights that are current when it starts.
             self._launch()
         else:
-            self.env_runner.set_state(self._current_weights(as_ref=False))
+            self.env_runner.set_state(self._current_weights())
         return len(episodes), learner_s
 
     def _sample_locally(self):
@@ -377,27 +397,32 @@ class VCPO(Algorithm):
 
     # ------------------------------------------------------------------ weights
 
-    def _current_weights(self, as_ref: bool = True):
+    def _current_weights(self) -> dict:
+        """The runner state that carries the current weights: a manifest of their buckets in
+        Ray's object store (packed once per version, shared by every runner)."""
         version = self._staleness.learner_version
-        if self._weights_ref_version != version:
-            state = self.learner_group.get_state(
-                components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE,
-                inference_only=True)[COMPONENT_LEARNER]
-            self._weights = {COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
-                             WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]}
-            self._weights_ref = ray.put(self._weights)
-            self._weights_ref_version = version
-        return self._weights_ref if as_ref else self._weights
+        if self._weights_version != version:
+            self._weights = None  # the previous version's buckets can go
+            started = time.perf_counter()
+            results = self.learner_group.foreach_learner(
+                _put_learner_weights, version=version, dtype=self._engine_dtype,
+                bucket_bytes=bucket_bytes_from_mb(self.config.weight_sync_bucket_mb))
+            manifest = next(iter(results)).get()
+            self.metrics.log_value((VCPO_RESULTS, "weight_pack_time_s"),
+                                   time.perf_counter() - started, window=1)
+            self._weights = {COMPONENT_RL_MODULE: manifest, WEIGHTS_SEQ_NO: version}
+            self._weights_version = version
+        return self._weights
 
     def _push_weights(self, runner_ids) -> None:
         """Queue the current weights on these runners (after their in-flight sample)."""
         version = self._staleness.learner_version
-        ref = self._current_weights()
+        weights = self._current_weights()
         for runner_id in runner_ids:
             if self._sent_version.get(runner_id, -1) >= version:
                 continue
             if self.env_runner_group.foreach_env_runner_async(
-                    "set_state", tag="set_state", kwargs={"state": ref},
+                    "set_state", tag="set_state", kwargs={"state": weights},
                     remote_worker_ids=[runner_id]):
                 self._sent_version[runner_id] = version
                 self._watch.sent(runner_id, "set_state", f"weight sync to version {version}")
@@ -416,7 +441,7 @@ class VCPO(Algorithm):
             # runner's request queue is full, and the evaluation would see older weights.
             weights = self._current_weights()
             results = self.env_runner_group.foreach_env_runner(
-                lambda runner, ref=weights: _evaluate_with(runner, ref),
+                lambda runner, w=weights: _evaluate_with(runner, w),
                 remote_worker_ids=runner_ids[:1], local_env_runner=False,
                 timeout_seconds=self.config.sample_timeout_s)
             if not results:
@@ -459,8 +484,9 @@ class VCPO(Algorithm):
         for version, size, payload in saved["buffer"]:
             self._staleness.arrived(-1, version, size, payload)
         self._runner_states = dict(saved["runner_states"])
+        self._weights_version = -1  # the learner's weights were just replaced
         runner_ids = self.env_runner_group.healthy_env_runner_ids()
-        weights = {**self._current_weights(as_ref=False), FORCE_WEIGHTS: True}
+        weights = {**self._current_weights(), FORCE_WEIGHTS: True}
         for runner_id in runner_ids:
             runner_state = {**weights, **self._runner_states.get(runner_id, {})}
             self.env_runner_group.foreach_env_runner(
