@@ -42,16 +42,11 @@ from ray.rllib.utils.metrics import (
     WEIGHTS_SEQ_NO,
 )
 
+from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import token_spaces
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.tiny import resolve_model
-from rllib_ext.llm.weight_sync import (
-    WeightManifest,
-    WeightSyncError,
-    bucket_bytes_from_mb,
-    fetch_weight_buckets,
-    load_state_dict,
-)
+from rllib_ext.llm.weight_sync import WeightSyncError, bucket_bytes_from_mb, load_state_dict
 
 BEHAVIOUR_LOGP = "behaviour_logp"
 RESPONSE_LENGTH = "response_length"
@@ -92,7 +87,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 self.config.generation_backend, self.model_path,
                 seed=int(self.config.seed or 0) + (self.worker_index or 0),
                 max_model_len=self.config.max_prompt_tokens + self.config.max_response_tokens,
-                engine_kwargs=self.config.engine_kwargs,
+                engine_kwargs={**gpu_weight_routes.engine_kwargs(self.config),
+                               **self.config.engine_kwargs},
                 engine_in_process=self.config.engine_in_process)
             self.engine_startup_s = getattr(self.backend, "startup_seconds", 0.0)
 
@@ -287,17 +283,16 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
 
     def _load_weights(self, module_state, version: int) -> None:
-        """Load a :class:`WeightManifest` (buckets in Ray's object store) or a module state
-        (numpy arrays, e.g. from a checkpoint) into the engine, in buckets. A sync that does
-        not arrive whole leaves the engine with a partial update: the runner exits for a
-        restart, as on a dead engine."""
+        """Load a weight update (a :class:`WeightManifest` of buckets in Ray's object store,
+        or weights a GPU route moved already: anything with ``load_into(backend)``) or a module
+        state (numpy arrays, e.g. from a checkpoint) into the engine. A sync that does not
+        arrive whole leaves the engine with a partial update: the runner exits for a restart,
+        as on a dead engine."""
         started = time.perf_counter()
         with self._exit_if_engine_dies():
             try:
-                if isinstance(module_state, WeightManifest):
-                    report = self.backend.load_weight_buckets(
-                        fetch_weight_buckets(module_state), version=version,
-                        count=module_state.count)
+                if hasattr(module_state, "load_into"):
+                    report = module_state.load_into(self.backend)
                 else:
                     report = load_state_dict(
                         self.backend, hf_state_dict_from_module_state(module_state),

@@ -204,6 +204,10 @@ class WeightManifest:
     total_bytes: int
     bucket_refs: list
 
+    def load_into(self, backend) -> dict:
+        return backend.load_weight_buckets(fetch_weight_buckets(self), version=self.version,
+                                           count=self.count)
+
 
 def put_weight_buckets(named_tensors, *, version: int, bucket_bytes: int,
                        dtype: torch.dtype | None = None) -> WeightManifest:
@@ -248,6 +252,23 @@ def load_state_dict(backend, state_dict: dict[str, torch.Tensor], *, version: in
                                        count=first.count)
 
 
+def _quiet_layers_without_weights() -> None:
+    """vLLM's layerwise reload warns "<layer>: Failed to load weights" at every sync for
+    layers that hold no checkpoint tensors (rotary embeddings: their cache is computed, and
+    kept); nothing failed, so that line is dropped."""
+    import logging
+
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _NoWeightlessLayerWarning) for f in layerwise.filters):
+        layerwise.addFilter(_NoWeightlessLayerWarning())
+
+
+class _NoWeightlessLayerWarning:
+    def filter(self, record) -> bool:
+        return not (record.getMessage().endswith(": Failed to load weights")
+                    and record.getMessage().startswith("RotaryEmbedding"))
+
+
 class WeightSyncExtension:
     """vLLM worker extension: weight updates in buckets, loaded in place into the running
     engine (vLLM's layerwise reload; ``model.load_weights`` alone fails on CPU after start-up,
@@ -263,6 +284,7 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        _quiet_layers_without_weights()
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
         self._rllib_ext_sync = BucketAssembler(version, count)

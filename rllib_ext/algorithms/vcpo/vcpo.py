@@ -14,6 +14,7 @@ the same learner (``correction``, ``baseline``, ``ess_lr_rule``).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -30,6 +31,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from rllib_ext.algorithms.vcpo.staleness import StalenessController
+from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
@@ -45,6 +47,8 @@ ESS_RULES = ("sqrt", "linear", "none")
 # Algorithm-level metrics (top level of the result dict) and checkpoint state.
 VCPO_RESULTS = "vcpo"
 RESUMABLE_RUNNER_STATE = (ENV_STATE, NEXT_GROUP)
+
+logger = logging.getLogger(__name__)
 
 
 class VCPOConfig(LLMRolloutConfig):
@@ -192,15 +196,6 @@ class VCPOConfig(LLMRolloutConfig):
                 and self.model_config.get("gradient_checkpointing"):
             self._value_error("opob_grad_norms='ghost' cannot run with gradient checkpointing. "
                               "Fix: use opob_grad_norms='loop' or disable checkpointing.")
-        wants_gpu = (self.num_gpus_per_learner or 0) > 0 or (self.num_gpus_per_env_runner or 0) > 0
-        if wants_gpu:
-            import torch
-
-            if not torch.cuda.is_available():
-                self._value_error(
-                    "this config asks for GPUs (num_gpus_per_learner / num_gpus_per_env_runner) "
-                    "but no CUDA device is visible. Fix: run it on a GPU machine (make "
-                    "venv-gpu), or on CPU use tuned_examples/vcpo_math_tiny.yaml.")
 
 
 def _evaluate_with(runner, weights) -> dict:
@@ -239,6 +234,8 @@ class VCPO(Algorithm):
         self._weights = None
         self._weights_version = -1
         self._engine_dtype = self._query_engine_dtype()
+        self._gpu_route = None if self.config.weight_sync_route == "buckets" else \
+            gpu_weight_routes.start_route(self.config, self._learner_model, self._engine_dtype)
         self._runner_states: dict[int, dict] = {}
         self._watch = OperationWatch({"sample": self.config.sample_timeout_s,
                                       "set_state": self.config.weight_sync_timeout_s})
@@ -259,6 +256,12 @@ class VCPO(Algorithm):
             name = self.env_runner_group.foreach_env_runner(
                 lambda runner: runner.weight_dtype(), local_env_runner=False)[0]
         return getattr(torch, name)
+
+    def _learner_model(self):
+        """The local learner's Hugging Face model (the GPU routes send from it)."""
+        results = self.learner_group.foreach_learner(
+            lambda learner: learner.module[DEFAULT_MODULE_ID].model)
+        return next(iter(results)).get()
 
     # ------------------------------------------------------------------ the loop
 
@@ -415,17 +418,37 @@ class VCPO(Algorithm):
         return self._weights
 
     def _push_weights(self, runner_ids) -> None:
-        """Queue the current weights on these runners (after their in-flight sample)."""
+        """Queue the current weights on these runners (after their in-flight sample); on a
+        GPU route, transfer them now (the transfer waits for the runner's queue)."""
         version = self._staleness.learner_version
-        weights = self._current_weights()
         for runner_id in runner_ids:
             if self._sent_version.get(runner_id, -1) >= version:
                 continue
+            if self._gpu_route is not None and self._transfer_on_gpu_route(runner_id, version):
+                self._sent_version[runner_id] = version
+                continue
             if self.env_runner_group.foreach_env_runner_async(
-                    "set_state", tag="set_state", kwargs={"state": weights},
+                    "set_state", tag="set_state", kwargs={"state": self._current_weights()},
                     remote_worker_ids=[runner_id]):
                 self._sent_version[runner_id] = version
                 self._watch.sent(runner_id, "set_state", f"weight sync to version {version}")
+
+    def _transfer_on_gpu_route(self, runner_id: int, version: int) -> bool:
+        """Send the weights on the GPU route; False (and the bucketed route from now on, the
+        reason logged) if the route cannot start."""
+        actor = self.env_runner_group._worker_manager.actors()[runner_id]
+        try:
+            self._gpu_route.start(runner_id, actor)
+        except Exception as error:  # any failure to rendezvous: the buckets always work
+            logger.warning("weight_sync_route '%s' could not start (%r): weights go in "
+                           "buckets.", self.config.weight_sync_route, error)
+            self._gpu_route = None
+            return False
+        started = time.perf_counter()
+        self._gpu_route.send(runner_id, version)
+        self.metrics.log_value((VCPO_RESULTS, "weight_transfer_time_s"),
+                               time.perf_counter() - started, window=1)
+        return True
 
     @staticmethod
     def _version_of(episodes) -> int:
@@ -515,6 +538,8 @@ class VCPO(Algorithm):
             self._staleness.lost(runner_id)
             self._watch.forget(runner_id)
             self._sent_version[runner_id] = -1
+            if self._gpu_route is not None:
+                self._gpu_route.forget(runner_id)
         if restored:
             self.metrics.log_value((VCPO_RESULTS, "num_env_runner_restarts"), len(restored),
                                    reduce="lifetime_sum")
