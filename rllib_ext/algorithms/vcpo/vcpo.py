@@ -283,20 +283,26 @@ class VCPO(Algorithm):
             self.evaluate_accuracy()
 
     def _one_update(self) -> tuple[int, float]:
+        """One learner update; the driver's time per phase goes to ``vcpo/time_*_s`` (mean
+        over the iteration's updates): waiting for an admissible batch (generation that did
+        not overlap the learner, and fetching episodes), the learner update (RLlib's learner
+        connector and the step), and the weight push with the next requests."""
+        clock = time.perf_counter
+        started = clock()
         if self.env_runner_group.num_remote_env_runners() == 0:
             batch = self._sample_locally()
         else:
             batch = self._wait_for_admissible_batch()
         episodes = [episode for sample in batch for episode in sample.payload]
         self._staleness.trained(batch)
-        started = time.perf_counter()
+        waited = clock()
         results = self.learner_group.update(
             episodes=episodes,
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                 (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)},
             num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
             shuffle_batch_per_epoch=False)
-        learner_s = time.perf_counter() - started
+        updated = clock()
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         if self.env_runner_group.num_remote_env_runners() > 0:
             # The new weights go out with the next request of every runner: a request always
@@ -304,7 +310,15 @@ class VCPO(Algorithm):
             self._launch()
         else:
             self.env_runner.set_state(self._current_weights())
-        return len(episodes), learner_s
+        for phase, seconds in (("wait_for_samples", waited - started),
+                               ("learner_update", updated - waited),
+                               ("weight_push", clock() - updated)):
+            self._log_time(phase, seconds)
+        return len(episodes), updated - waited
+
+    def _log_time(self, phase: str, seconds: float) -> None:
+        self.metrics.log_value((VCPO_RESULTS, f"time_{phase}_s"), seconds, reduce="mean",
+                               window=self.config.updates_per_iteration)
 
     def _sample_locally(self):
         """No remote runners: the local runner samples synchronously (k is moot)."""
@@ -367,7 +381,9 @@ class VCPO(Algorithm):
         metrics = []
         for runner_id, (episodes_ref, state, runner_metrics) in results:
             self._watch.answered(runner_id, "sample")
+            fetch_started = time.perf_counter()
             episodes = ray.get(episodes_ref)
+            self._log_time("episode_fetch", time.perf_counter() - fetch_started)
             # Data position as of this finished sample (what a restore resumes from).
             self._runner_states[runner_id] = {k: state[k] for k in RESUMABLE_RUNNER_STATE
                                               if k in state}
