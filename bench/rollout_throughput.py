@@ -31,7 +31,7 @@ import statistics
 import time
 
 from common import RESULTS, markdown_table, write_results
-from generation_model import GenerationModelSpec, build_generation_model
+from generation_model import build_generation_model
 
 NAME = "rollout_throughput"
 BACKENDS = ("vllm", "transformers")

@@ -95,11 +95,13 @@ def demo_block(algo) -> dict:
         algo._collect()
     seconds = time.perf_counter() - started
     vcpo, runners = result["vcpo"], result["env_runners"]
+    # The runner's times are sums over the iteration's sample() calls.
+    calls = runners["num_env_steps_sampled"] / algo.config.sample_size
     return {"updates_per_s": UPDATES_PER_BLOCK / seconds, "seconds": seconds,
             **{f"time_{p}_s": vcpo.get(f"time_{p}_s", float("nan")) for p in PHASES},
             "learner_busy": vcpo["learner_busy_fraction"],
-            "runner_generation_s": runners.get("generation_time_s", float("nan")),
-            "runner_sample_s": runners.get("sample_time_s", float("nan")),
+            "runner_generation_s": runners["generation_time_s"] / calls,
+            "runner_sample_s": runners["sample_time_s"] / calls,
             "runner_weight_sync_s": runners.get("weight_sync_time_s", float("nan")),
             "staleness": result["learners"]["default_policy"]["staleness_mean"]}
 
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"demo_time_{p}_s": round(mean(demo, f"time_{p}_s"), 4) for p in PHASES},
         "demo_learner_busy": round(mean(demo, "learner_busy"), 3),
         "demo_runner_generation_s_per_sample": round(mean(demo, "runner_generation_s"), 4),
+        "demo_runner_sample_s_per_sample": round(mean(demo, "runner_sample_s"), 4),
         "demo_runner_weight_sync_s": round(mean(demo, "runner_weight_sync_s"), 4),
     }
     table = markdown_table(
@@ -199,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     phase_table = markdown_table(
         ["where (driver, per update)", "seconds"],
         [[p.replace("_", " "), f"{flat[f'demo_time_{p}_s']:.4f}"] for p in PHASES]
-        + [["env runner: generation per sample() (overlaps the learner)",
-            f"{flat['demo_runner_generation_s_per_sample']:.4f}"],
+        + [["env runner: one sample() of 128 trajectories (overlaps the learner)",
+            f"{flat['demo_runner_sample_s_per_sample']:.4f}"],
+           ["... of which vLLM generation", f"{flat['demo_runner_generation_s_per_sample']:.4f}"],
            ["env runner: weight sync per update (overlaps the learner)",
             f"{flat['demo_runner_weight_sync_s']:.4f}"]])
     notes = [

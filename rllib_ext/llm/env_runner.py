@@ -153,6 +153,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 f"LLMEnvRunner {self.worker_index} has no engine (the local runner of an "
                 "algorithm with remote env runners only answers spaces). Fix: sample from the "
                 "remote runners, or set num_env_runners=0.")
+        sample_started = time.perf_counter()
         sampling = self.config.sampling_settings()
         wanted = num_episodes or num_timesteps
         num_prompts = self.config.prompts_per_sample if not wanted \
@@ -180,6 +181,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 episodes.append(self._episode(obs, info, completions[k], grades[k], texts[k],
                                               group_id, version))
         self._log_sample_metrics(episodes, completions, grades, texts, generation_s)
+        # The rest of sample() (prompts, grading, episodes) is what generation leaves.
+        self.metrics.log_value("sample_time_s", time.perf_counter() - sample_started,
+                               reduce="sum")
         return episodes
 
     def _episode(self, obs, info, completion, grade, text, group_id, version):
