@@ -137,3 +137,15 @@ def test_the_bucketed_route_adds_nothing_to_the_engine():
     from rllib_ext.llm import gpu_weight_routes
 
     assert gpu_weight_routes.engine_kwargs(route_config()) == {}
+
+
+def test_gpu_routes_send_in_the_engine_dtype():
+    import torch
+
+    from rllib_ext.llm.gpu_weight_routes import _source
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    source = _source(model, torch.bfloat16)
+    assert [(m.name, m.dtype, m.shape) for m in source.metadata()] == [
+        ("0.weight", torch.bfloat16, (2, 3)), ("0.bias", torch.bfloat16, (2,))]
+    assert all(t.dtype == torch.bfloat16 for _, t in source)

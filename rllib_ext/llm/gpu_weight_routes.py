@@ -126,8 +126,10 @@ class GPUWeightRoute:
     """The learner side of a GPU route: one vLLM trainer engine per env runner, started on the
     first transfer to that runner (again after the runner restarts)."""
 
-    def __init__(self, route: str, model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, route: str, model: torch.nn.Module, dtype: torch.dtype,
+                 bucket_bytes: int):
         self.route, self.model, self.dtype = route, model, dtype
+        self.bucket_bytes = bucket_bytes  # NCCL's packed broadcast buffers
         self._engines: dict[int, tuple] = {}
 
     def start(self, runner_id: int, actor) -> None:
@@ -156,7 +158,8 @@ class GPUWeightRoute:
             )
 
             info = NCCLTrainerInitInfo(master_address=socket.gethostbyname(socket.gethostname()),
-                                       master_port=_free_port(), world_size=2)
+                                       master_port=_free_port(), world_size=2, rank=0,
+                                       packed_buffer_size_bytes=self.bucket_bytes)
             engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=client,
                                                                   source=source)
         else:
@@ -165,7 +168,7 @@ class GPUWeightRoute:
                 IPCTrainerWeightTransferEngine,
             )
 
-            engine = IPCTrainerWeightTransferEngine.trainer_init(IPCTrainerInitInfo(),
+            engine = IPCTrainerWeightTransferEngine.trainer_init(IPCTrainerInitInfo(rank=0),
                                                                  client=client, source=source)
         return engine, client
 
@@ -186,4 +189,7 @@ def start_route(config, learner_model, dtype: torch.dtype) -> GPUWeightRoute | N
         logger.warning("weight_sync_route '%s' cannot start (%s): weights go in buckets.",
                        config.weight_sync_route, problem)
         return None
-    return GPUWeightRoute(config.weight_sync_route, learner_model(), dtype)
+    from rllib_ext.llm.weight_sync import bucket_bytes_from_mb
+
+    return GPUWeightRoute(config.weight_sync_route, learner_model(), dtype,
+                          bucket_bytes_from_mb(config.weight_sync_bucket_mb))
