@@ -148,21 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     registry.register_project_envs()
     algo = config.build_algo()
-    # The demo's learner runs with one thread (the runner has the other core); the
-    # single-process loop has both cores, as a user's script would.
-    demo_threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    # One torch thread for the loop, as for the demo's learner: on this shared 2-core machine
+    # the loop with 2 threads ran 0.5 updates/s against 4.2 with one (interleaved, same
+    # process), so one thread is the peer's best setting here.
+    torch.set_num_threads(1)
     loop = SyncGRPOLoop(config)
-    torch.set_num_threads(demo_threads)
 
     def run(kind):
-        if kind == "demo":
-            return demo_block(algo)
-        torch.set_num_threads(2)
-        try:
-            return loop_block(loop)
-        finally:
-            torch.set_num_threads(demo_threads)
+        return demo_block(algo) if kind == "demo" else loop_block(loop)
 
     demo, sync = [], []
     try:
@@ -213,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         ">= 1.5x). A block = 10 updates of 16 prompts x 8 samples, <= 6 tokens, lr 1e-4.",
         "Demo: tuned_examples/vcpo_math_tiny.yaml (VCPO, k = 4, OPOB with ghost norms, one "
         "remote vLLM env runner, learner in the driver with 1 torch thread), evaluation off. "
-        "Loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, 2 torch threads.",
+        "Loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, 1 torch thread (its faster setting "
+        "on this shared machine: 2 threads measured 8x slower).",
         "The demo's time per update, by phase (driver side; mean over the blocks):\n\n"
         + phase_table,
         "The 2-core machine was shared with other jobs during the run; blocks are "
