@@ -21,6 +21,7 @@ from rllib_ext.llm.env_runner import LLMEnvRunner
 from rllib_ext.llm.generation import SamplingSettings, TransformersBackend
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
 from rllib_ext.llm.tiny import PAD_ID, TINY_ARITHMETIC_DATASET
+from rllib_ext.llm.weight_sync import load_state_dict
 
 N = 4
 
@@ -164,7 +165,7 @@ def test_finite_weights_after_non_finite_ones_generate_finite_logprobs(ray_sessi
 
 def test_transformers_backend_logprobs_equal_rlmodule(tiny_model_path, module):
     backend = TransformersBackend(tiny_model_path, seed=0)
-    backend.load_weights(module.hf_state_dict())
+    load_state_dict(backend, module.hf_state_dict())
     prompts = [[1, 6, 11, 7, 13], [1, 9, 11, 6, 6, 13]]  # "<bos>1+2=", "<bos>4+11="
     groups = backend.generate(prompts, SamplingSettings(n=3, temperature=1.0, max_tokens=6))
     completions = [c for g in groups for c in g]

@@ -71,12 +71,10 @@ def test_checkpoint_resumes_version_optimizer_and_data_position(ray_session, tin
                                                                tmp_path):
     from ray.rllib.algorithms.algorithm import Algorithm
 
-    from rllib_ext import registry
     from rllib_ext.algorithms.vcpo.vcpo import VCPOConfig
     from rllib_ext.llm.env_runner import ENV_STATE
     from rllib_ext.llm.tiny import TINY_ARITHMETIC_DATASET
 
-    registry.register_project_envs()
     config = (VCPOConfig().environment("MathEnv", env_config={"dataset": TINY_ARITHMETIC_DATASET})
               .llm_rollouts(prompts_per_sample=4, num_generations=4, max_response_tokens=6)
               .training(lr=1e-4, train_batch_size_per_learner=16, max_staleness=2,

@@ -1,6 +1,7 @@
 """Reliability of VCPO runs with the real vLLM engine: failed env runners and engines are
 restarted, stalls end in clear errors, and bad samples are counted, never fatal."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,10 +17,10 @@ from ray import cloudpickle
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from rllib_ext import registry
 from rllib_ext.algorithms.vcpo.vcpo import VCPOConfig
 from rllib_ext.llm.env_runner import FORCE_WEIGHTS, LLMEnvRunner
 from rllib_ext.llm.tiny import EOS_ID, TINY_ARITHMETIC_DATASET
+from rllib_ext.llm.weight_sync import WeightManifest
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,6 @@ def config(**training):
 
 
 def build(cfg):
-    registry.register_project_envs()
     return cfg.build_algo()
 
 
@@ -169,6 +169,41 @@ def test_killed_engine_process_restarts_the_runner(ray_session, tiny_model_path)
         assert results[-1]["vcpo"]["policy_version"] == before["vcpo"]["policy_version"] + 4
         assert results[-1]["vcpo"]["num_env_runner_restarts"] >= 1
         assert runner_call(algorithm, lambda runner: os.getpid()) != pid
+    finally:
+        algorithm.stop()
+
+
+class LosesOneWeightBucketRunner(LLMEnvRunner):
+    """Loses bucket 1 of the first bucketed weight update of the run (``marker``, a file, keeps
+    the restarted runner from losing another)."""
+
+    marker = None
+
+    def set_state(self, state):
+        manifest = state.get(COMPONENT_RL_MODULE)
+        if isinstance(manifest, WeightManifest) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            refs = manifest.bucket_refs
+            state = {**state, COMPONENT_RL_MODULE: dataclasses.replace(
+                manifest, bucket_refs=refs[:1] + refs[2:])}
+        return super().set_state(state)
+
+
+def test_a_lost_weight_bucket_restarts_the_runner_and_no_step_is_lost(ray_session,
+                                                                    tiny_model_path,
+                                                                    tmp_path):
+    marker = tmp_path / "bucket-lost"
+    runner_cls = type("LosesOneBucket", (LosesOneWeightBucketRunner,), {"marker": str(marker)})
+    # The tiny model's 1.8 MB cross in 7 buckets.
+    algorithm = build(config().llm_rollouts(weight_sync_bucket_mb=0.25)
+                      .env_runners(env_runner_cls=runner_cls))
+    started = time.monotonic()
+    try:
+        results = [algorithm.train() for _ in range(3)]
+        assert marker.exists()
+        assert results[-1]["vcpo"]["num_env_runner_restarts"] >= 1
+        assert [r["vcpo"]["policy_version"] for r in results] == [2, 4, 6]
+        assert time.monotonic() - started < 300
     finally:
         algorithm.stop()
 

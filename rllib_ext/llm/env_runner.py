@@ -46,6 +46,7 @@ from ray.rllib.utils.metrics import (
     WEIGHTS_SEQ_NO,
 )
 
+from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import token_spaces
 from rllib_ext.llm.columns import (
     ANSWER,
@@ -60,6 +61,7 @@ from rllib_ext.llm.columns import (
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.task import Task
 from rllib_ext.llm.tiny import resolve_model
+from rllib_ext.llm.weight_sync import WeightSyncError, bucket_bytes_from_mb, load_state_dict
 
 ENV_STATE = "env_state"
 NEXT_GROUP = "next_group"
@@ -74,7 +76,7 @@ RUNNER_METRICS = (
     "response_length_max", "accuracy", "num_no_answer", "num_checker_timeouts",
     "num_checker_errors", "tokens_per_s", "generation_time_s", "truncated_response_fraction",
     "num_empty_responses", "num_non_utf8_responses", WEIGHTS_SEQ_NO, "weight_sync_time_s",
-    "num_weight_syncs", COMPLETIONS_TABLE)
+    "num_weight_syncs", "weight_sync_buckets", "sample_time_s", COMPLETIONS_TABLE)
 # In a state for set_state: load the weights whatever their version and adopt it (a restored
 # run's learner may be behind the runner's engine).
 FORCE_WEIGHTS = "force_weights"
@@ -117,7 +119,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 self.config.generation_backend, self.model_path,
                 seed=int(self.config.seed or 0) + (self.worker_index or 0),
                 max_model_len=self.config.max_prompt_tokens + self.config.max_response_tokens,
-                engine_kwargs=self.config.engine_kwargs,
+                engine_kwargs={**gpu_weight_routes.engine_kwargs(self.config),
+                               **self.config.engine_kwargs},
                 engine_in_process=self.config.engine_in_process)
             self.engine_startup_s = getattr(self.backend, "startup_seconds", 0.0)
 
@@ -170,6 +173,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 f"LLMEnvRunner {self.worker_index} has no engine (the local runner of an "
                 "algorithm with remote env runners only answers spaces). Fix: sample from the "
                 "remote runners, or set num_env_runners=0.")
+        sample_started = time.perf_counter()
         sampling = self.config.sampling_settings()
         wanted = num_episodes or num_timesteps
         num_prompts = self.config.prompts_per_sample if not wanted \
@@ -198,6 +202,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                           group_id, version))
         self._log_sample_metrics(sampled_prompts, completions, texts, scores, sampling.n,
                                  generation_s)
+        # The rest of sample() (prompts, grading, episodes) is what generation leaves.
+        self.metrics.log_value("sample_time_s", time.perf_counter() - sample_started,
+                               reduce="sum")
         return episodes
 
     def _episode(self, prompt, completion, reward, info, group_id, version):
@@ -301,14 +308,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     import ray  # an ObjectRef
 
                     module_state = ray.get(module_state)
-                if DEFAULT_MODULE_ID in module_state:
+                if isinstance(module_state, dict) and DEFAULT_MODULE_ID in module_state:
                     module_state = module_state[DEFAULT_MODULE_ID]
-                started = time.perf_counter()
-                with self._exit_if_engine_dies():
-                    self.backend.load_weights(hf_state_dict_from_module_state(module_state))
-                self.metrics.log_value("weight_sync_time_s", time.perf_counter() - started,
-                                       reduce="mean")
-                self.metrics.log_value("num_weight_syncs", 1, reduce="lifetime_sum")
+                self._load_weights(module_state, version)
             if version > 0:
                 self._weights_seq_no = version
         if ENV_STATE in state and self.env is not None:
@@ -317,6 +319,36 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self._next_group = int(state[NEXT_GROUP])
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def _load_weights(self, module_state, version: int) -> None:
+        """Load a weight update (a :class:`WeightManifest` of buckets in Ray's object store,
+        or weights a GPU route moved already: anything with ``load_into(backend)``) or a module
+        state (numpy arrays, e.g. from a checkpoint) into the engine. A sync that does not
+        arrive whole leaves the engine with a partial update: the runner exits for a restart,
+        as on a dead engine."""
+        started = time.perf_counter()
+        with self._exit_if_engine_dies():
+            try:
+                if hasattr(module_state, "load_into"):
+                    report = module_state.load_into(self.backend)
+                else:
+                    report = load_state_dict(
+                        self.backend, hf_state_dict_from_module_state(module_state),
+                        version=version,
+                        bucket_bytes=bucket_bytes_from_mb(self.config.weight_sync_bucket_mb))
+            except WeightSyncError as error:
+                exit_for_restart(f"LLMEnvRunner {self.worker_index}: WeightSyncError: {error} "
+                                 "The engine holds a partial update; exiting so that RLlib "
+                                 "restarts this runner.")
+        self.metrics.log_value("weight_sync_time_s", time.perf_counter() - started,
+                               reduce="mean")
+        self.metrics.log_value("weight_sync_buckets", report["buckets_received"],
+                               reduce="mean")
+        self.metrics.log_value("num_weight_syncs", 1, reduce="lifetime_sum")
+
+    def weight_dtype(self) -> str:
+        """The engine's weight dtype (what a weight sync sends), e.g. "bfloat16"."""
+        return str(self.backend.dtype).removeprefix("torch.")
 
     def get_state(self, components: str | Collection[str] | None = None, *,
                   not_components: str | Collection[str] | None = None, **kwargs) -> dict:

@@ -9,27 +9,31 @@ fallback for machines without vLLM and the reference the tests compare vLLM agai
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from rllib_ext.llm.weight_sync import BucketAssembler, WeightBucket, WeightSyncError
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """How completions are drawn. ``temperature=0`` means greedy; ``min_tokens`` suppresses
-    the end-of-sequence token until that many tokens exist (fixed-length benchmarks)."""
+    the end-of-sequence token until that many tokens exist (fixed-length benchmarks); ``seed``
+    makes the draws of one call reproducible (None: the engine's own random state)."""
 
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 8
     min_tokens: int = 0
+    seed: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -59,7 +63,13 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings
                  ) -> list[list[Completion]]: ...
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+    dtype: torch.dtype  # of the engine's weights: what a weight sync sends
+
+    def load_weight_buckets(self, buckets: Iterable[WeightBucket], *, version: int,
+                            count: int) -> dict:
+        """Load one update (``count`` buckets) in place; raise WeightSyncError unless it
+        arrived whole. Returns what arrived (buckets, largest bucket in bytes)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -94,7 +104,9 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(self, prompts, sampling):
-        if self.generator_seed is not None:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        elif self.generator_seed is not None:
             torch.manual_seed(self.generator_seed)
             self.generator_seed += 1
         repeated = [p for p in prompts for _ in range(sampling.n)]
@@ -121,39 +133,21 @@ class TransformersBackend:
                                           "stop" if stop else "length"))
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
 
-    def load_weights(self, state_dict):
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def load_weight_buckets(self, buckets, *, version, count):
+        assembler = BucketAssembler(version, count)
+        state_dict = {}
+        for bucket in buckets:
+            state_dict.update((name, tensor.clone()) for name, tensor in assembler.add(bucket))
+        assembler.finish()
         self.model.load_state_dict(state_dict)
+        return {"buckets_received": count, "max_bucket_bytes": assembler.max_bucket_bytes}
 
     def close(self):
         self.model = None
-
-
-class WeightSyncExtension:
-    """vLLM worker extension: reload weights in place inside the running engine.
-
-    ``model_runner.model.load_weights`` fails on CPU after start-up (weights are repacked);
-    the worker's own ``reload_weights`` re-runs the loader's processing and works (about
-    0.03-0.1 s for the tiny model). Weights arrive as a dict of tensors (in-process engine) or
-    as ``torch.save`` bytes (engine in another process, where RPC arguments are serialised).
-    """
-
-    def rllib_ext_load_weights(self, weights) -> int:
-        if isinstance(weights, (bytes, bytearray)):
-            weights = torch.load(io.BytesIO(weights), weights_only=True)
-        self.reload_weights(weights_iterator=iter(list(weights.items())))
-        return len(weights)
-
-    def rllib_ext_clear_kv_cache(self) -> None:
-        """Zero every KV-cache block: attention reads the unused slots of a block with weight
-        0, and 0 * NaN is NaN, so values left by a non-finite forward pass poison later
-        sequences (measured: NaN log-probs for 8+ samples after finite weights came back)."""
-        pending = list(self.model_runner.kv_caches)
-        while pending:
-            cache = pending.pop()
-            if isinstance(cache, torch.Tensor):
-                cache.zero_()
-            else:
-                pending.extend(cache)
 
 
 class VLLMBackend:
@@ -172,6 +166,9 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 512,
                  engine_kwargs: dict | None = None, in_process: bool | str = "auto"):
+        from rllib_ext.llm.engine_version import check_vllm_version
+
+        check_vllm_version()  # before vLLM is imported or an engine starts
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.platforms import current_platform
 
@@ -188,7 +185,7 @@ class VLLMBackend:
         kwargs = dict(
             model=model_path, seed=seed, max_model_len=max_model_len,
             distributed_executor_backend="uni", skip_tokenizer_init=True,
-            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            worker_extension_cls="rllib_ext.llm.weight_sync.WeightSyncExtension",
             # Behaviour log-probs of the distribution tokens are sampled from.
             logprobs_mode="processed_logprobs",
         )
@@ -208,7 +205,8 @@ class VLLMBackend:
 
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature,
                                 top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                                min_tokens=sampling.min_tokens, logprobs=0, flat_logprobs=True,
+                                min_tokens=sampling.min_tokens, seed=sampling.seed, logprobs=0,
+                                flat_logprobs=True,
                                 detokenize=False)
         with self._engine_death_watch():
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
@@ -251,19 +249,30 @@ class VLLMBackend:
         finally:
             done.set()
 
-    def load_weights(self, state_dict):
-        payload = state_dict
-        if not self.in_process:
-            buffer = io.BytesIO()
-            torch.save(state_dict, buffer)
-            payload = buffer.getvalue()
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.llm_engine.model_config.dtype
+
+    def load_weight_buckets(self, buckets, *, version, count):
+        """Stream the buckets into the engine; an engine in its own process gets each as
+        (header, bytes), one RPC message per bucket."""
         with self._engine_death_watch():
-            self.llm.collective_rpc("rllib_ext_load_weights", args=(payload,))
+            self.llm.collective_rpc("rllib_ext_begin_weight_sync", args=(version, count))
+            try:
+                for bucket in buckets:
+                    args = (bucket,) if self.in_process \
+                        else (bucket.header(), memoryview(bucket.payload))
+                    self.llm.collective_rpc("rllib_ext_load_bucket", args=args)
+            finally:  # also after a failed fetch: leave a valid model behind
+                [report] = self.llm.collective_rpc("rllib_ext_finish_weight_sync")
             # Cached prefixes were computed with the old weights.
             self.llm.reset_prefix_cache()
             if self._kv_cache_dirty:  # see WeightSyncExtension.rllib_ext_clear_kv_cache
                 self.llm.collective_rpc("rllib_ext_clear_kv_cache")
                 self._kv_cache_dirty = False
+        if report["error"]:
+            raise WeightSyncError(report["error"])
+        return report
 
     def close(self):
         if self.llm is not None:

@@ -14,12 +14,13 @@ the same learner (``correction``, ``baseline``, ``ess_lr_rule``).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import NotProvided
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -29,10 +30,13 @@ from ray.rllib.utils.metrics import (
     WEIGHTS_SEQ_NO,
 )
 
+from rllib_ext import registry
 from rllib_ext.algorithms.vcpo.staleness import StalenessController
+from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
+from rllib_ext.llm.weight_sync import bucket_bytes_from_mb, put_weight_buckets
 from rllib_ext.utils.heap import MAX_KEEP_BYTES
 from rllib_ext.utils.operation_watch import OperationWatch
 
@@ -44,6 +48,8 @@ ESS_RULES = ("sqrt", "linear", "none")
 # Algorithm-level metrics (top level of the result dict) and checkpoint state.
 VCPO_RESULTS = "vcpo"
 RESUMABLE_RUNNER_STATE = (ENV_STATE, NEXT_GROUP)
+
+logger = logging.getLogger(__name__)
 
 
 class VCPOConfig(LLMRolloutConfig):
@@ -191,21 +197,19 @@ class VCPOConfig(LLMRolloutConfig):
                 and self.model_config.get("gradient_checkpointing"):
             self._value_error("opob_grad_norms='ghost' cannot run with gradient checkpointing. "
                               "Fix: use opob_grad_norms='loop' or disable checkpointing.")
-        wants_gpu = (self.num_gpus_per_learner or 0) > 0 or (self.num_gpus_per_env_runner or 0) > 0
-        if wants_gpu:
-            import torch
-
-            if not torch.cuda.is_available():
-                self._value_error(
-                    "this config asks for GPUs (num_gpus_per_learner / num_gpus_per_env_runner) "
-                    "but no CUDA device is visible. Fix: run it on a GPU machine (make "
-                    "venv-gpu), or on CPU use tuned_examples/vcpo_math_tiny.yaml.")
 
 
-def _evaluate_with(runner, weights_ref) -> dict:
-    """On an env runner: load ``weights_ref`` (if newer than its own), then evaluate."""
-    runner.set_state(ray.get(weights_ref))
+def _evaluate_with(runner, weights) -> dict:
+    """On an env runner: load ``weights`` (if newer than its own), then evaluate."""
+    runner.set_state(weights)
     return runner.evaluate()
+
+
+def _put_learner_weights(learner, *, version: int, dtype, bucket_bytes: int):
+    """On a learner: its module's weights, in buckets in Ray's object store."""
+    module = learner.module[DEFAULT_MODULE_ID]
+    return put_weight_buckets(module.hf_state_dict().items(), version=version,
+                              bucket_bytes=bucket_bytes, dtype=dtype)
 
 
 class VCPO(Algorithm):
@@ -224,12 +228,18 @@ class VCPO(Algorithm):
         return VCPOConfig()
 
     def setup(self, config) -> None:
+        # Project env names ("MathEnv", ...) resolve in every env runner, also when the
+        # algorithm is built from Python rather than by the `rllib` command.
+        registry.register_project_envs()
         super().setup(config)
         self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
         self._sent_version = {i: 0 for i in self.env_runner_group.healthy_env_runner_ids()}
-        self._weights_ref = None
-        self._weights_ref_version = -1
+        self._weights = None
+        self._weights_version = -1
+        self._engine_dtype = self._query_engine_dtype()
+        self._gpu_route = None if self.config.weight_sync_route == "buckets" else \
+            gpu_weight_routes.start_route(self.config, self._learner_model, self._engine_dtype)
         self._runner_states: dict[int, dict] = {}
         self._watch = OperationWatch({"sample": self.config.sample_timeout_s,
                                       "set_state": self.config.weight_sync_timeout_s})
@@ -239,6 +249,23 @@ class VCPO(Algorithm):
             self.config.max_staleness, self.config.train_batch_size_per_learner,
             max_requests_per_runner=self.config.max_requests_in_flight_per_env_runner,
             learner_version=learner_version)
+
+    def _query_engine_dtype(self):
+        """The engines' weight dtype (weights are sent in it), asked of one env runner."""
+        import torch
+
+        if self.env_runner_group.num_remote_env_runners() == 0:
+            name = self.env_runner.weight_dtype()
+        else:
+            name = self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.weight_dtype(), local_env_runner=False)[0]
+        return getattr(torch, name)
+
+    def _learner_model(self):
+        """The local learner's Hugging Face model (the GPU routes send from it)."""
+        results = self.learner_group.foreach_learner(
+            lambda learner: learner.module[DEFAULT_MODULE_ID].model)
+        return next(iter(results)).get()
 
     # ------------------------------------------------------------------ the loop
 
@@ -260,28 +287,42 @@ class VCPO(Algorithm):
             self.evaluate_accuracy()
 
     def _one_update(self) -> tuple[int, float]:
+        """One learner update; the driver's time per phase goes to ``vcpo/time_*_s`` (mean
+        over the iteration's updates): waiting for an admissible batch (generation that did
+        not overlap the learner, and fetching episodes), the learner update (RLlib's learner
+        connector and the step), and the weight push with the next requests."""
+        clock = time.perf_counter
+        started = clock()
         if self.env_runner_group.num_remote_env_runners() == 0:
             batch = self._sample_locally()
         else:
             batch = self._wait_for_admissible_batch()
         episodes = [episode for sample in batch for episode in sample.payload]
         self._staleness.trained(batch)
-        started = time.perf_counter()
+        waited = clock()
         results = self.learner_group.update(
             episodes=episodes,
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                 (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)},
             num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
             shuffle_batch_per_epoch=False)
-        learner_s = time.perf_counter() - started
+        updated = clock()
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         if self.env_runner_group.num_remote_env_runners() > 0:
             # The new weights go out with the next request of every runner: a request always
             # carries (is queued right behind) the weights that are current when it starts.
             self._launch()
         else:
-            self.env_runner.set_state(self._current_weights(as_ref=False))
-        return len(episodes), learner_s
+            self.env_runner.set_state(self._current_weights())
+        for phase, seconds in (("wait_for_samples", waited - started),
+                               ("learner_update", updated - waited),
+                               ("weight_push", clock() - updated)):
+            self._log_time(phase, seconds)
+        return len(episodes), updated - waited
+
+    def _log_time(self, phase: str, seconds: float) -> None:
+        self.metrics.log_value((VCPO_RESULTS, f"time_{phase}_s"), seconds, reduce="mean",
+                               window=self.config.updates_per_iteration)
 
     def _sample_locally(self):
         """No remote runners: the local runner samples synchronously (k is moot)."""
@@ -344,7 +385,9 @@ class VCPO(Algorithm):
         metrics = []
         for runner_id, (episodes_ref, state, runner_metrics) in results:
             self._watch.answered(runner_id, "sample")
+            fetch_started = time.perf_counter()
             episodes = ray.get(episodes_ref)
+            self._log_time("episode_fetch", time.perf_counter() - fetch_started)
             # Data position as of this finished sample (what a restore resumes from).
             self._runner_states[runner_id] = {k: state[k] for k in RESUMABLE_RUNNER_STATE
                                               if k in state}
@@ -377,30 +420,55 @@ class VCPO(Algorithm):
 
     # ------------------------------------------------------------------ weights
 
-    def _current_weights(self, as_ref: bool = True):
+    def _current_weights(self) -> dict:
+        """The runner state that carries the current weights: a manifest of their buckets in
+        Ray's object store (packed once per version, shared by every runner)."""
         version = self._staleness.learner_version
-        if self._weights_ref_version != version:
-            state = self.learner_group.get_state(
-                components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE,
-                inference_only=True)[COMPONENT_LEARNER]
-            self._weights = {COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
-                             WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]}
-            self._weights_ref = ray.put(self._weights)
-            self._weights_ref_version = version
-        return self._weights_ref if as_ref else self._weights
+        if self._weights_version != version:
+            self._weights = None  # the previous version's buckets can go
+            started = time.perf_counter()
+            results = self.learner_group.foreach_learner(
+                _put_learner_weights, version=version, dtype=self._engine_dtype,
+                bucket_bytes=bucket_bytes_from_mb(self.config.weight_sync_bucket_mb))
+            manifest = next(iter(results)).get()
+            self.metrics.log_value((VCPO_RESULTS, "weight_pack_time_s"),
+                                   time.perf_counter() - started, window=1)
+            self._weights = {COMPONENT_RL_MODULE: manifest, WEIGHTS_SEQ_NO: version}
+            self._weights_version = version
+        return self._weights
 
     def _push_weights(self, runner_ids) -> None:
-        """Queue the current weights on these runners (after their in-flight sample)."""
+        """Queue the current weights on these runners (after their in-flight sample); on a
+        GPU route, transfer them now (the transfer waits for the runner's queue)."""
         version = self._staleness.learner_version
-        ref = self._current_weights()
         for runner_id in runner_ids:
             if self._sent_version.get(runner_id, -1) >= version:
                 continue
+            if self._gpu_route is not None and self._transfer_on_gpu_route(runner_id, version):
+                self._sent_version[runner_id] = version
+                continue
             if self.env_runner_group.foreach_env_runner_async(
-                    "set_state", tag="set_state", kwargs={"state": ref},
+                    "set_state", tag="set_state", kwargs={"state": self._current_weights()},
                     remote_worker_ids=[runner_id]):
                 self._sent_version[runner_id] = version
                 self._watch.sent(runner_id, "set_state", f"weight sync to version {version}")
+
+    def _transfer_on_gpu_route(self, runner_id: int, version: int) -> bool:
+        """Send the weights on the GPU route; False (and the bucketed route from now on, the
+        reason logged) if the route cannot start."""
+        actor = self.env_runner_group._worker_manager.actors()[runner_id]
+        try:
+            self._gpu_route.start(runner_id, actor)
+        except Exception as error:  # any failure to rendezvous: the buckets always work
+            logger.warning("weight_sync_route '%s' could not start (%r): weights go in "
+                           "buckets.", self.config.weight_sync_route, error)
+            self._gpu_route = None
+            return False
+        started = time.perf_counter()
+        self._gpu_route.send(runner_id, version)
+        self.metrics.log_value((VCPO_RESULTS, "weight_transfer_time_s"),
+                               time.perf_counter() - started, window=1)
+        return True
 
     @staticmethod
     def _version_of(episodes) -> int:
@@ -416,7 +484,7 @@ class VCPO(Algorithm):
             # runner's request queue is full, and the evaluation would see older weights.
             weights = self._current_weights()
             results = self.env_runner_group.foreach_env_runner(
-                lambda runner, ref=weights: _evaluate_with(runner, ref),
+                lambda runner, w=weights: _evaluate_with(runner, w),
                 remote_worker_ids=runner_ids[:1], local_env_runner=False,
                 timeout_seconds=self.config.sample_timeout_s)
             if not results:
@@ -459,8 +527,9 @@ class VCPO(Algorithm):
         for version, size, payload in saved["buffer"]:
             self._staleness.arrived(-1, version, size, payload)
         self._runner_states = dict(saved["runner_states"])
+        self._weights_version = -1  # the learner's weights were just replaced
         runner_ids = self.env_runner_group.healthy_env_runner_ids()
-        weights = {**self._current_weights(as_ref=False), FORCE_WEIGHTS: True}
+        weights = {**self._current_weights(), FORCE_WEIGHTS: True}
         for runner_id in runner_ids:
             runner_state = {**weights, **self._runner_states.get(runner_id, {})}
             self.env_runner_group.foreach_env_runner(
@@ -489,6 +558,8 @@ class VCPO(Algorithm):
             self._staleness.lost(runner_id)
             self._watch.forget(runner_id)
             self._sent_version[runner_id] = -1
+            if self._gpu_route is not None:
+                self._gpu_route.forget(runner_id)
         if restored:
             self.metrics.log_value((VCPO_RESULTS, "num_env_runner_restarts"), len(restored),
                                    reduce="lifetime_sum")
