@@ -405,3 +405,30 @@ def test_hub_id_goes_to_datasets_load_dataset(monkeypatch):
     with pytest.raises(DatasetError, match="could not load the gsm8k dataset 'openai/gsm8k'.*"
                                            "Unknown split \"validation\""):
         load_rows({"name": "gsm8k", "path": "openai/gsm8k"}, "validation")
+
+
+def test_an_unreachable_hub_leaves_a_note_and_a_missing_hub_dataset_is_refused(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from envs.math.datasets import DatasetError, unreachable_hub_note
+
+    def offline(repo_id, timeout=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", offline)
+    note = unreachable_hub_note({"name": "gsm8k", "path": "openai/gsm8k"})
+    assert "could not be checked" in note and "downloaded when the run starts" in note
+    assert unreachable_hub_note({"name": "arithmetic"}) is None
+    assert unreachable_hub_note({"path": "data/train.jsonl"}) is None  # local: not probed
+
+    class NotFound(RepositoryNotFoundError):
+        def __init__(self):
+            Exception.__init__(self, "404")
+
+    def missing(repo_id, timeout=None):
+        raise NotFound()
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", missing)
+    with pytest.raises(DatasetError, match="does not exist"):
+        unreachable_hub_note({"path": "nobody/no-such-dataset"})

@@ -317,6 +317,32 @@ def _read_local(path: Path) -> list[dict]:
                                hint, key="dataset.path") from None
 
 
+def unreachable_hub_note(config: Mapping) -> str | None:
+    """A note when ``config`` names a hub dataset and the hub cannot be reached (no network):
+    its rows cannot be checked before the run, which downloads them when it starts. A hub id
+    the hub says does not exist is refused (DatasetError); local paths are not looked at."""
+    path = config.get("path") if isinstance(config, Mapping) else None
+    if dataset_name(config) == "arithmetic" or not isinstance(path, str) or not path:
+        return None
+    local = Path(os.path.expanduser(path))
+    if local.exists() or path.startswith(("/", ".", "~")) or path.endswith(FILE_SUFFIXES) \
+            or path.count("/") > 1:
+        return None
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        huggingface_hub.dataset_info(path, timeout=10)
+    except RepositoryNotFoundError:
+        raise DatasetError(f"hub dataset {path!r} does not exist (or is private)",
+                           "check the id on huggingface.co, or set path to a local "
+                           ".jsonl/.json/.parquet file", key="dataset.path") from None
+    except Exception as e:  # no network: the run will try again
+        return (f"dataset '{path}' could not be checked on the Hugging Face hub "
+                f"({type(e).__name__}); it will be downloaded when the run starts")
+    return None
+
+
 def _read_hub(name: str, hub_id: str, subset: str | None, split: str) -> list[dict]:
     with _quiet_datasets() as datasets:
         try:

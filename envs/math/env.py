@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.math.datasets import dataset_name, load_rows
+from envs.math.datasets import dataset_name, load_rows, unreachable_hub_note
 from envs.math.grading import STYLES, AnswerChecker, Grade
 from envs.math.rewards import MATH_ANSWER
 from envs.validation import ConfigError, check_known_keys
@@ -267,6 +267,10 @@ class MathEnv:
         lets the prompts be encoded and measured too). Raises ConfigError (a ValueError);
         returns notes for the user (held-out rows, skipped prompts)."""
         splits = ["train", *([eval_split] if eval_split else [])]
+        settings = MathEnvSettings.from_config(config)
+        unreachable = unreachable_hub_note(settings.dataset)
+        if unreachable:
+            return [unreachable]
         if "tokenizer" in config:
             notes = []
             for split in splits:
@@ -274,7 +278,6 @@ class MathEnv:
                 notes += env.notes
                 env.close()
             return notes
-        settings = MathEnvSettings.from_config(config)
         reward_functions = settings.reward_functions()
         notes = []
         for split in splits:
