@@ -17,8 +17,10 @@ the last 5 iterations):
 
 Goals: (a) return and exploitability within 5% between the schedules (the exploitability
 difference relative to the uniform policy's, since both end near 0); (c) unregularised
-exploitability <= 1e-2. A second table runs exact-model TMF-PG (``exact.py``) with 1 and 5
-inner steps per flow estimate at the same number of gradient steps.
+exploitability <= 1e-2. The same comparison is repeated with exact-model TMF-PG
+(``exact.py``: trained on each schedule's N -> infinity model, no sampling, no finite-N
+bias), and a last table runs it with 1 and 5 inner steps per flow estimate at the same number
+of gradient steps.
 
     .venv/bin/python bench/tmf_sequential_vs_synchronous.py [--quick]
 """
@@ -74,26 +76,46 @@ def equilibrium(env_class, n: int, schedule: str) -> dict:
             "equilibrium_converged": result.converged}
 
 
-def inner_loop_study(steps: int) -> list[tuple]:
-    """Exact-model TMF-PG, all agents acting (N = 50 model), inner_updates 1 vs 5 at the same
-    number of gradient steps: (game, inner, lr, exploitability after half, at the end)."""
+def build_module(env):
     import torch
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg
     from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_rl_module import TMFPGTorchRLModule
+
+    torch.manual_seed(0)
+    return RLModuleSpec(module_class=TMFPGTorchRLModule,
+                        observation_space=env.observation_spaces["agent_0"],
+                        action_space=env.action_spaces["agent_0"],
+                        model_config={"hidden": [64, 64]}).build()
+
+
+def exact_run(env_class, n: int, schedule: str, iterations: int) -> dict:
+    """Exact-model TMF-PG (inner_updates 1, Adam lr 0.01) on one schedule's model:
+    J and exploitability of the final policy."""
+    from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg
+
+    env = env_class({"num_agents": n, "activation": schedule, "rounds": ROUNDS})
+    start = time.perf_counter()
+    history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
+                           iterations=iterations, lr=0.01, evaluate_every=iterations)
+    print(f"[exact {env_class.__name__} {schedule}] {history[-1]}, "
+          f"{time.perf_counter() - start:.0f}s", flush=True)
+    return {"value": history[-1]["value"], "exploitability": history[-1]["exploitability"],
+            "initial_exploitability": history[0]["exploitability"],
+            "max_gap": history[-1]["max_gap"]}
+
+
+def inner_loop_study(steps: int) -> list[tuple]:
+    """Exact-model TMF-PG, all agents acting (N = 50 model), inner_updates 1 vs 5 at the same
+    number of gradient steps: (game, inner, lr, exploitability after half, at the end)."""
+    from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg
 
     rows = []
     for game_name, env_class in GAMES.items():
         env = env_class({"num_agents": 50, "rounds": ROUNDS})
         for inner, lr in ((1, 0.01), (5, 0.01), (5, 0.002)):
-            torch.manual_seed(0)
-            module = RLModuleSpec(module_class=TMFPGTorchRLModule,
-                                  observation_space=env.observation_spaces["agent_0"],
-                                  action_space=env.action_spaces["agent_0"],
-                                  model_config={"hidden": [64, 64]}).build()
             outer = steps // inner
-            history = exact_tmf_pg(env.mean_field_model(), module, env.policy_inputs,
+            history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
                                    iterations=outer, lr=lr, inner_updates=inner,
                                    evaluate_every=outer // 2)
             rows.append((game_name, inner, lr, history[1]["exploitability"],
@@ -154,6 +176,26 @@ def main(argv=None) -> int:
             max(sync["final_exploitability"], seq["final_exploitability"]) <= 0.01)
         rows.append((game_name, sync, seq, return_gap, exploitability_gap, equilibrium_gap))
 
+    exact_rows = []
+    for game_name, env_class in games.items():
+        runs = {schedule: exact_run(env_class, n, schedule, 30 if args.quick else 300)
+                for schedule in SCHEDULES}
+        sync, seq = runs["all"], runs["sequential"]
+        return_gap = abs(seq["value"] - sync["value"]) / abs(sync["value"])
+        scale = 0.5 * (sync["initial_exploitability"] + seq["initial_exploitability"])
+        exploitability_gap = abs(seq["exploitability"] - sync["exploitability"]) / scale
+        for schedule, run_ in runs.items():
+            for key, value in run_.items():
+                flat[f"exact_{game_name}_{schedule}_{key}"] = round(value, 5)
+        flat[f"exact_{game_name}_value_relative_gap"] = round(return_gap, 4)
+        flat[f"exact_{game_name}_exploitability_gap_relative_to_initial"] = round(
+            exploitability_gap, 4)
+        flat[f"exact_{game_name}_goal_a_within_5pct"] = bool(return_gap <= 0.05
+                                                             and exploitability_gap <= 0.05)
+        flat[f"exact_{game_name}_goal_c_exploitability_at_most_0.01"] = bool(
+            max(sync["exploitability"], seq["exploitability"]) <= 0.01)
+        exact_rows.append((game_name, sync, seq, return_gap, exploitability_gap))
+
     study = inner_loop_study(20 if args.quick else 300)
     for game_name, inner, lr, _, end in study:
         flat[f"inner_study_{game_name}_inner{inner}_lr{lr:g}_exploitability"] = round(end, 5)
@@ -176,6 +218,17 @@ def main(argv=None) -> int:
         table.append(f"| {game_name} | gap | | {100 * return_gap:.1f}% | "
                      f"{100 * exploitability_gap:.1f}% of start | | "
                      f"{100 * equilibrium_gap:.1f}% | |")
+    table += ["", f"Exact-model TMF-PG (N -> infinity model of each schedule, alpha = 1 vs "
+              f"1/{n}), {30 if args.quick else 300} iterations:", "",
+              "| game | schedule | exploitability (start -> end) | max per-state gap | J |",
+              "|---|---|---|---|---|"]
+    for game_name, sync, seq, return_gap, exploitability_gap in exact_rows:
+        for schedule, final in (("all", sync), ("sequential", seq)):
+            table.append(f"| {game_name} | {schedule} | {final['initial_exploitability']:.3f} "
+                         f"-> {final['exploitability']:.4f} | {final['max_gap']:.3f} | "
+                         f"{final['value']:.4f} |")
+        table.append(f"| {game_name} | gap | {100 * exploitability_gap:.2f}% of start | | "
+                     f"{100 * return_gap:.2f}% |")
     table += ["", "Exact-model TMF-PG, all agents acting, same number of gradient steps:", "",
               "| game | inner_updates | lr (Adam) | exploitability at half | at the end |",
               "|---|---|---|---|---|"]

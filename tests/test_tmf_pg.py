@@ -277,3 +277,31 @@ def test_tuned_examples_validate():
     env_config = sweep.param_space["env_config"]
     assert len(env_config["num_agents"]["grid_search"]) == 3
     assert len(env_config["activation"]["grid_search"]) == 4
+
+
+def test_loss_weights_each_step_by_its_discount():
+    """loss = -mean[gamma^j log pi(a|o) A] - tau mean[gamma^j H(pi(.|o))] on a hand batch."""
+    from ray.rllib.core.columns import Columns
+
+    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ADVANTAGES, DISCOUNTS, SOFT_RETURNS
+
+    env = ResourceSelectionEnv({"num_agents": 10})
+    config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
+        .training(entropy_coeff=0.3, gamma=0.5)
+    config.validate()
+    learner = config.build_learner(env=env)
+    module = learner.module["shared"]
+    observations = torch.as_tensor(np.stack([env.policy_inputs(np.full(4, 0.25))[o]
+                                             for o in (0, 1, 2)]))
+    batch = {Columns.OBS: observations, Columns.ACTIONS: torch.tensor([1, 0, 3]),
+             ADVANTAGES: torch.tensor([1.0, -2.0, 0.5]), SOFT_RETURNS: torch.zeros(3),
+             DISCOUNTS: torch.tensor([1.0, 0.5, 0.25])}
+    fwd = module.forward_train(batch)
+    loss = learner.compute_loss_for_module(module_id="shared", config=config, batch=batch,
+                                           fwd_out=fwd)
+    log_pi = torch.log_softmax(fwd[Columns.ACTION_DIST_INPUTS], dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(dim=-1)
+    chosen = log_pi[torch.arange(3), batch[Columns.ACTIONS]]
+    weights = batch[DISCOUNTS]
+    expected = -(weights * chosen * batch[ADVANTAGES]).mean() - 0.3 * (weights * entropy).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
