@@ -30,7 +30,7 @@ Common env config keys, defaults in brackets (each game adds its own; see
     activation    "all" | "sequential" | "k=<int>" | "bernoulli=<p>" |
                   "cycle=<k0>,<k1>,..." (B_t = k_{t mod L})                      ["all"]
     rounds        episode length as the expected number of actions per agent; the
-                  episode has H = round(rounds / alpha) env steps              [10]
+                  episode has H = round(rounds / mean alpha) env steps         [10]
     observe_mu    include mu_t in the observation                             [true]
 
 With ``bernoulli=<p>`` the first activation set of an episode is redrawn while empty (RLlib
