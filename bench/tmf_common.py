@@ -54,4 +54,5 @@ def exact_metrics(algo) -> dict:
     view = PopulationView(env, algo.config.policy_mapping_fn)
     modules = {mid: algo.get_module(mid) for mid in view.module_ids}
     evaluation = view.evaluate(modules)
-    return {"exploitability": evaluation.exploitability, "value": evaluation.value}
+    return {"exploitability": evaluation.exploitability, "max_gap": evaluation.max_gap,
+            "value": evaluation.value}

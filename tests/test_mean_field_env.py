@@ -74,6 +74,46 @@ def test_idle_agents_keep_their_observation_and_mu_history_is_recorded():
     np.testing.assert_allclose(env.mu_history[1], env.mu)
 
 
+def test_idle_customers_keep_being_served():
+    """Queueing: customers that never act stay in their queue, and their backlogs change
+    (service and arrivals continue) while they wait; resource holders stay put."""
+    env = DynamicQueueingEnv({"num_agents": 2000, "activation": "k=20", "rounds": 0.2,
+                              "arrival_rate": 0.5})
+    obs, _ = env.reset(seed=0)
+    before = env.simulator.observations.copy()
+    acted = set()
+    while obs:
+        acted |= {agent_index(aid) for aid in obs}
+        obs, *_ = env.step({aid: 0 for aid in obs})
+    never = np.setdiff1d(np.arange(2000), sorted(acted))
+    after = env.simulator.observations
+    game = env.game
+    assert len(never) > 1000
+    np.testing.assert_array_equal(game.queue_of[before[never]], game.queue_of[after[never]])
+    changed = np.mean(game.backlog_of[before[never]] != game.backlog_of[after[never]])
+    assert 0.03 < changed < 0.5
+
+
+def test_cycle_schedule_and_frozen_mean_field_through_the_env():
+    env = DynamicQueueingEnv({"num_agents": 40, "activation": "cycle=2,10", "rounds": 2})
+    assert env.horizon == 13                                 # round(2 / (6 / 40))
+    np.testing.assert_allclose(env.mean_field_model().alphas[:3], [0.05, 0.25, 0.05])
+    flow = np.random.default_rng(0).dirichlet(np.ones(12), size=env.horizon + 1)
+    env.freeze_mean_field(flow)
+    obs, _ = env.reset(seed=2)
+    sizes = []
+    for t in range(env.horizon):
+        sizes.append(len(obs))
+        for vector in obs.values():
+            np.testing.assert_allclose(vector[12:], flow[t], atol=1e-7)
+        obs, *_ = env.step({aid: 1 for aid in obs})
+    assert sizes[:4] == [2, 10, 2, 10]
+    assert env.frozen
+    env.freeze_mean_field(None)
+    obs, _ = env.reset(seed=2)
+    np.testing.assert_allclose(next(iter(obs.values()))[12:], env.mu, atol=1e-7)
+
+
 def test_actions_from_idle_agents_are_rejected_with_a_clear_error():
     env = ResourceSelectionEnv({"num_agents": 10, "activation": "sequential"})
     obs, _ = env.reset(seed=0)
@@ -114,8 +154,12 @@ def test_resource_selection_rejects_bad_parameters(config, match):
 
 @pytest.mark.parametrize("config,match", [
     ({"service_rates": [0.5, 0.0]}, r"env_config\['service_rates'\].*all entries must be > 0"),
-    ({"arrival_prob": 1.2}, r"env_config\['arrival_prob'\]: got 1.2; use a finite number >= 0.0 "
-                            r"and <= 1.0"),
+    ({"arrival_rate": -0.2}, r"env_config\['arrival_rate'\]: got -0.2; use a finite number >= 0.0"),
+    ({"arrival_prob": 0.3}, r"unknown env_config key\(s\) 'arrival_prob' \(did you mean "
+                            r"'arrival_rate'\?\)"),
+    ({"initial_distribution": "steady"}, r"env_config\['initial_distribution'\]: got 'steady'; "
+                                         r"use one of uniform_queues_steady, uniform_queues"),
+    ({"activation": "cycle=1,x"}, r"cycle must be integers in \[1, num_agents=100\]"),
     ({"max_backlog": 0}, r"env_config\['max_backlog'\]: got 0; use an integer >= 1"),
     ({"holding_cost": -0.1}, r"env_config\['holding_cost'\]"),
     ({"service_rate": [1, 2]}, r"did you mean 'service_rates'"),

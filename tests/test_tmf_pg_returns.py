@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rllib_ext.algorithms.tmf_pg.returns import (
+    activation_discounts,
     baseline_groups,
     leave_one_out_baseline,
     soft_returns_to_go,
@@ -40,3 +41,8 @@ def test_leave_one_out_baseline_matches_a_loop():
 def test_baseline_groups_separate_activation_index_and_observation():
     groups = baseline_groups(np.array([0, 0, 1, 1]), np.array([2, 3, 2, 2]), num_observations=4)
     assert groups.tolist() == [2, 3, 6, 6]
+
+
+def test_activation_discounts():
+    np.testing.assert_allclose(activation_discounts(4, 0.5), [1.0, 0.5, 0.25, 0.125])
+    np.testing.assert_allclose(activation_discounts(3, 1.0), [1.0, 1.0, 1.0])

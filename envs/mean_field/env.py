@@ -5,7 +5,9 @@ observation asks for an action:
 
 * ``reset()`` and every non-final ``step()`` return observations for exactly the agents that
   act at the next step (S_t, drawn by the activation schedule) and for no one else; idle
-  agents are absent from the dict, so RLlib never queries them.
+  agents are absent from the dict, so RLlib never queries them. Idle agents still move by
+  the game's passive kernel P_0 (a queue keeps serving them); their next observation shows
+  where they are when they act again.
 * ``step(actions)`` must receive an action for each of those agents and only for them; it
   returns rewards for the agents that just acted. An agent that then idles keeps its action
   and reward "hanging" in RLlib's ``MultiAgentEpisode`` until its next observation (idle
@@ -17,15 +19,18 @@ observation asks for an action:
 
 Each observation is float32 ``[onehot(o_i), mu_t]`` (length 2 O), or just ``onehot(o_i)``
 with ``observe_mu: false`` (the baseline that does not see the population). The env also
-exposes ``mu`` (the current empirical distribution), ``mu_history`` (this episode's mu_0..mu_t)
-and ``mean_field_model()`` (the exact model with this env's alpha and horizon).
+exposes ``mu`` (the current empirical distribution), ``mu_history`` (this episode's mu_0..mu_t),
+``mean_field_model()`` (the exact model with this env's alpha_t and horizon) and
+``freeze_mean_field(flow)`` (play against a fixed flow mu-hat instead of the population: the
+inner problem of TMF-PG; see ``core.PopulationSimulator``).
 
 Common env config keys, defaults in brackets (each game adds its own; see
 ``resource_selection.py`` and ``queueing.py``):
     num_agents    N >= 2                                                      [100]
-    activation    "all" | "sequential" | "k=<int>" | "bernoulli=<p>"           ["all"]
+    activation    "all" | "sequential" | "k=<int>" | "bernoulli=<p>" |
+                  "cycle=<k0>,<k1>,..." (B_t = k_{t mod L})                      ["all"]
     rounds        episode length as the expected number of actions per agent; the
-                  episode has H = round(rounds / alpha) env steps              [10]
+                  episode has H = round(rounds / mean alpha) env steps         [10]
     observe_mu    include mu_t in the observation                             [true]
 
 With ``bernoulli=<p>`` the first activation set of an episode is redrawn while empty (RLlib
@@ -145,8 +150,19 @@ class MeanFieldEnv(MultiAgentEnv):
         """The agents that act at the next step (the keys of the last observation dict)."""
         return list(self._ids[self._acting])
 
-    def mean_field_model(self) -> MeanFieldModel:
-        return MeanFieldModel(self.game, self.activation.fraction, self.horizon)
+    def mean_field_model(self, gamma: float = 1.0) -> MeanFieldModel:
+        """The exact model: this env's game, alpha_0..alpha_{H-1}, horizon and ``gamma``."""
+        return MeanFieldModel(self.game, self.simulator.step_durations, self.horizon, gamma)
+
+    def freeze_mean_field(self, flow: np.ndarray | None) -> None:
+        """From the next step on, rewards, transitions and the mu in observations use the
+        fixed flow ``flow`` ([H+1, O]) instead of the empirical mu (None: back to the
+        population)."""
+        self.simulator.freeze(flow)
+
+    @property
+    def frozen(self) -> bool:
+        return self.simulator.frozen_flow is not None
 
     def policy_inputs(self, mu: np.ndarray) -> np.ndarray:
         """The observation every observation o would produce under population ``mu``

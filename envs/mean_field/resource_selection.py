@@ -1,12 +1,15 @@
-"""Resource selection (congestion) game.
+"""Resource selection (congestion) game (parameters are ours, see ``docs/tmf_pg.md``).
 
 M resources with base values v_m. An agent's observation is the resource it holds,
 o in {0..M-1}; its action is the resource to hold next, a in {0..M-1}. When an agent acts
 it collects the payoff of the resource it holds, pays a switching cost if it moves, and
-moves (deterministically) to the chosen resource:
+moves (deterministically) to the chosen resource; an idle agent keeps its resource:
 
     r(o, a, mu)    = v_o - c * mu(o) - kappa * 1[a != o]
-    P(o' | o, a)   = 1[o' = a]
+    P(o' | o, a)   = 1[o' = a],        P_0(o' | o) = 1[o' = o]
+
+The payoff falls with the fraction mu(o) on the agent's own resource, so the game is
+monotone: sum_o (mu(o) - mu'(o)) (r(o, a, mu) - r(o, a, mu')) = -c ||mu - mu'||^2 <= 0.
 
 The payoff falls linearly with the fraction mu(o) of the population on the resource
 (congestion c > 0). Without switching costs the game has the stationary (Wardrop)
@@ -68,7 +71,7 @@ class ResourceSelectionGame(MeanFieldGame):
         payoff = self.values - self.congestion * mu
         return payoff[:, None] - self._switch
 
-    def transitions(self, mu: np.ndarray) -> np.ndarray:
+    def transitions(self, mu: np.ndarray, dt: float = 1.0) -> np.ndarray:
         return self._moves
 
     def observation_labels(self) -> list[str]:

@@ -1,10 +1,13 @@
-"""Env-runner side of TMF-PG: population-scale metrics.
+"""Env-runner side of TMF-PG: population-scale metrics, the episodes' mu history, and
+freezing the mean field of a runner's envs.
 
 RLlib's ``MultiAgentEnvRunner`` logs four counters per agent per env step and one return per
 agent per episode; with thousands of agents that is most of the sampling time and thousands
 of result keys per iteration. :class:`MeanFieldEnvRunner` keeps everything else and logs
 those per module instead. :class:`MeanFieldMetricsCallback` adds the mean-field metrics of
-every finished episode under ``env_runners/mean_field/``.
+every finished population episode under ``env_runners/mean_field/`` and stores the episode's
+empirical flow mu_0..mu_H in ``episode.custom_data["mu_history"]`` (TMF-PG's mu-hat is
+estimated from it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,22 @@ from rllib_ext.algorithms.tmf_pg.population import PopulationView, mu_distance
 # values of the per-agent dict wherever it needs a total).
 ALL_AGENTS = "all_agents"
 MEAN_FIELD = "mean_field"
+MU_HISTORY = "mu_history"
+
+
+def mean_field_envs(env_runner) -> list[MeanFieldEnv]:
+    """The mean-field sub-envs of an env runner."""
+    env = env_runner.env
+    sub_envs = env.envs if hasattr(env, "envs") else [env]
+    return [sub.unwrapped for sub in sub_envs if isinstance(sub.unwrapped, MeanFieldEnv)]
+
+
+def freeze_mean_field(env_runner, flow) -> None:
+    """Make every mean-field env of ``env_runner`` play against the fixed flow ``flow``
+    ([H+1, O]; None: against its own population again). Takes effect from the next reset,
+    which every ``sample(num_episodes=...)`` call starts with."""
+    for env in mean_field_envs(env_runner):
+        env.freeze_mean_field(flow)
 
 
 class MeanFieldEnvRunner(MultiAgentEnvRunner):
@@ -58,7 +77,9 @@ class MeanFieldEnvRunner(MultiAgentEnvRunner):
 
 
 class MeanFieldMetricsCallback(RLlibCallback):
-    """Per finished episode of a mean-field env, logs under ``env_runners/mean_field/``:
+    """Per finished episode of a mean-field env, stores ``custom_data["mu_history"]``
+    (mu_0..mu_H, [H+1, O]) and, for population episodes (not frozen ones), logs under
+    ``env_runners/mean_field/``:
 
     - ``return_per_agent``: total return / N, the N-agent counterpart of J (idle agents
       and agents that never acted count with what they got);
@@ -77,7 +98,10 @@ class MeanFieldMetricsCallback(RLlibCallback):
     def on_episode_end(self, *, episode, env_runner=None, metrics_logger=None, env=None,
                        env_index=0, rl_module=None, **kwargs):
         sub_env = env.envs[env_index].unwrapped if hasattr(env, "envs") else env.unwrapped
-        if not isinstance(sub_env, MeanFieldEnv) or metrics_logger is None:
+        if not isinstance(sub_env, MeanFieldEnv):
+            return
+        episode.custom_data[MU_HISTORY] = sub_env.mu_history.copy()
+        if sub_env.frozen or metrics_logger is None:
             return
         total = episode.get_return(include_hanging_rewards=True)
         values = {

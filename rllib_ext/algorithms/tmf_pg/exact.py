@@ -1,10 +1,12 @@
-"""Exact-model TMF-PG: the same update with the expectation computed on the mean-field model.
+"""Exact-model TMF-PG: the same algorithm with every expectation computed on the mean-field
+model (the N -> infinity limit, no sampling noise).
 
-Each iteration freezes the flow mu^pi of the current policy, evaluates the regularised
-value J_tau(pi_theta; mu^pi) by the backward recursion of ``envs.mean_field.model`` in torch
-(differentiable in theta), and takes one optimizer step on -J_tau. This is the deterministic
-counterpart of the sample-based learner (same network, same objective, no sampling noise);
-tests use it to check convergence to the equilibrium, benches as a reference.
+Outer iteration k: mu-hat = the flow mu^{pi_k} of the current policy, propagated by the
+model (``flow_and_kernels``). Inner loop: ``inner_updates`` optimizer steps on
+-J_tau(pi_theta; mu-hat), the value of the network policy against the *fixed* mu-hat (policy
+inputs and kernels built from mu-hat once per outer iteration; nothing in the inner loop
+touches them). ``inner_updates = 1`` is one gradient step per flow, the round-1 variant.
+Tests use it to check convergence to the equilibrium, benches as a reference.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
-from envs.mean_field.model import MeanFieldModel
+from envs.mean_field.model import Kernels, MeanFieldModel, flow_and_kernels, kernels_along
 
 
 def network_policy(module, policy_inputs: Callable[[np.ndarray], np.ndarray]):
@@ -31,28 +33,49 @@ def network_policy(module, policy_inputs: Callable[[np.ndarray], np.ndarray]):
     return policy
 
 
-def regularized_value(model: MeanFieldModel, mus: np.ndarray, module,
-                      policy_inputs: Callable[[np.ndarray], np.ndarray],
-                      entropy_coeff: float) -> torch.Tensor:
-    """J_tau(pi_theta; mus) as a differentiable torch scalar:
-    V_t = alpha sum_a pi (r + P V_{t+1} - tau log pi) + (1 - alpha) V_{t+1}, J = mu_0 . V_0."""
-    game, alpha = model.game, model.alpha
-    values = torch.zeros(game.num_observations, dtype=torch.float64)
-    for t in range(model.horizon - 1, -1, -1):
-        logits = module.forward_train(
-            {Columns.OBS: torch.as_tensor(policy_inputs(mus[t]))})[Columns.ACTION_DIST_INPUTS]
-        log_pi = torch.log_softmax(logits.double(), dim=-1)
-        q = torch.tensor(game.rewards(mus[t])) \
-            + torch.tensor(game.transitions(mus[t])) @ values
-        acting = (log_pi.exp() * (q - entropy_coeff * log_pi)).sum(dim=1)
-        values = alpha * acting + (1.0 - alpha) * values
-    return torch.as_tensor(mus[0]) @ values
+class FixedFlow:
+    """Everything the inner loop needs about a fixed flow mu-hat_0..mu-hat_H, computed once:
+    the policy inputs at every step ([H, O, obs_dim]) and the kernels along it (torch)."""
+
+    def __init__(self, model: MeanFieldModel, mus: np.ndarray,
+                 policy_inputs: Callable[[np.ndarray], np.ndarray],
+                 kernels: Kernels | None = None):
+        kernels = kernels or kernels_along(model.game, mus, model.alphas)
+        self.mus = mus
+        self.inputs = torch.as_tensor(np.stack([policy_inputs(mus[t])
+                                                for t in range(model.horizon)]))
+        self.rewards = torch.as_tensor(kernels.rewards)
+        self.active = torch.as_tensor(kernels.active)
+        self.passive = torch.as_tensor(kernels.passive)
+        self.alphas = torch.tensor(model.alphas)
+        self.gamma = model.gamma
+        self.mu0 = torch.as_tensor(mus[0])
+
+
+def regularized_value(flow: FixedFlow, module, entropy_coeff: float) -> torch.Tensor:
+    """J_tau(pi_theta; mu-hat) as a differentiable torch scalar (``model.py``'s recursion):
+    Q_t = r_t + gamma P_t W_{t+1}, V_t = sum_a pi (Q_t - tau log pi),
+    W_t = alpha_t V_t + (1 - alpha_t) P0_t W_{t+1}, J = mu-hat_0 . W_0."""
+    horizon, num_obs, dim = flow.inputs.shape
+    logits = module.forward_train(
+        {Columns.OBS: flow.inputs.reshape(horizon * num_obs, dim)})[Columns.ACTION_DIST_INPUTS]
+    log_pi = torch.log_softmax(logits.double(), dim=-1).reshape(horizon, num_obs, -1)
+    values = torch.zeros(num_obs, dtype=torch.float64)
+    for t in range(horizon - 1, -1, -1):
+        q = flow.rewards[t] + flow.gamma * flow.active[t] @ values
+        acting = (log_pi[t].exp() * (q - entropy_coeff * log_pi[t])).sum(dim=1)
+        values = flow.alphas[t] * acting + (1.0 - flow.alphas[t]) * flow.passive[t] @ values
+    return flow.mu0 @ values
 
 
 def exact_tmf_pg(model: MeanFieldModel, module, policy_inputs, *, iterations: int, lr: float,
-                 entropy_coeff: float, evaluate_every: int = 1) -> list[dict]:
-    """Run exact-model TMF-PG on ``module`` (updated in place) with Adam; returns the history
-    of {iteration, exploitability, exploitability_regularized, value}."""
+                 inner_updates: int = 1, entropy_coeff: float = 0.0,
+                 evaluate_every: int = 1, on_inner_step=None) -> list[dict]:
+    """Run exact-model TMF-PG on ``module`` (updated in place) with Adam for ``iterations``
+    outer iterations of ``inner_updates`` steps each; returns the history of {iteration,
+    exploitability, exploitability_regularized, value, max_gap} (evaluated every
+    ``evaluate_every`` outer iterations and at the end). ``on_inner_step(flow)`` (tests)
+    sees the fixed flow of every inner step."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     policy = network_policy(module, policy_inputs)
     history = []
@@ -62,14 +85,20 @@ def exact_tmf_pg(model: MeanFieldModel, module, policy_inputs, *, iterations: in
             history.append({
                 "iteration": iteration,
                 "exploitability": plain.exploitability,
-                "exploitability_regularized": model.exploitability(policy, entropy_coeff),
+                "exploitability_regularized": model.exploitability(policy, entropy_coeff)
+                if entropy_coeff else plain.exploitability,
                 "value": plain.value,
+                "max_gap": plain.max_gap,
             })
         if iteration == iterations:
             break
-        mus, _ = model.flow(policy)
-        loss = -regularized_value(model, mus, module, policy_inputs, entropy_coeff)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        mus, _, kernels = flow_and_kernels(model.game, policy, model.alphas)
+        flow = FixedFlow(model, mus, policy_inputs, kernels)
+        for _ in range(inner_updates):
+            if on_inner_step is not None:
+                on_inner_step(flow)
+            loss = -regularized_value(flow, module, entropy_coeff)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     return history

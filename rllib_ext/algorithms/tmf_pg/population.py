@@ -1,5 +1,6 @@
 """The exact mean-field model seen through RLlib modules: policy mappings, the policy an
-agent population follows, its exploitability and its flow.
+agent population follows, its exploitability and its flow, and the flow estimated from
+sampled episodes.
 
 With one module every agent follows pi(a | o, mu). With several modules (e.g. a per-type
 mapping) the population is a mixture of types with fractions w_k; the exact model then runs
@@ -56,16 +57,17 @@ def policy_table(module, inputs: np.ndarray) -> np.ndarray:
 
 
 class PopulationView:
-    """The exact model of ``env`` for the population that ``mapping_fn`` assigns to modules."""
+    """The exact model of ``env`` (discount ``gamma`` per own action) for the population
+    that ``mapping_fn`` assigns to modules."""
 
-    def __init__(self, env: MeanFieldEnv, mapping_fn: Callable):
+    def __init__(self, env: MeanFieldEnv, mapping_fn: Callable, gamma: float = 1.0):
         self.env = env
         fractions = module_fractions(mapping_fn, env.possible_agents)
         self.module_ids = list(fractions)
-        base = env.mean_field_model()
+        base = env.mean_field_model(gamma)
         self.typed = len(fractions) > 1
         game = TypedGame(base.game, list(fractions.values())) if self.typed else base.game
-        self.model = MeanFieldModel(game, base.alpha, base.horizon)
+        self.model = MeanFieldModel(game, base.alpha, base.horizon, gamma)
 
     def marginal(self, mus: np.ndarray) -> np.ndarray:
         """Distribution over the env's observations ([..., O]) of (typed) flows."""
@@ -98,3 +100,11 @@ def mu_distance(empirical: np.ndarray, flow: np.ndarray) -> float:
     """mean_t || mu_N(t) - mu(t) ||_1 over the steps both trajectories cover."""
     steps = min(len(empirical), len(flow))
     return float(np.abs(empirical[:steps] - flow[:steps]).sum(axis=1).mean())
+
+
+def population_flow(histories: Sequence[np.ndarray]) -> np.ndarray:
+    """mu-hat_t = the mean over episodes of the empirical mu_t ([H+1, O]): TMF-PG's estimate
+    of the population flow of the policy that generated the episodes."""
+    if not histories:
+        raise ValueError("population_flow: no episodes.")
+    return np.mean(np.stack(histories), axis=0)

@@ -4,19 +4,22 @@ An agent of an asynchronous episode acts at its own activation steps j = 0, 1, .
 (env steps at which it is in S_t); RLlib's single-agent episode holds exactly those steps,
 with the reward of step j and the behaviour log-probability logp_j = log pi(a_j | o_j, mu).
 
-Entropy-regularised objective (coefficient tau): the agent collects
-r_j + tau * H(pi(. | o_j, mu_j)) per activation. Its policy gradient is
+Entropy-regularised objective (coefficient tau, discount gamma per own activation): the
+agent collects gamma^j (r_j + tau * H(pi(. | o_j, mu_j))) at its activation j. Its policy
+gradient is
 
-    grad J_tau = E[ sum_j grad log pi(a_j | o_j) (G_j - b_j) + tau grad H(pi(. | o_j)) ]
+    grad J_tau = E[ sum_j gamma^j ( grad log pi(a_j | o_j) (G_j - b_j) + tau grad H(pi(. | o_j)) ) ]
 
 with the soft return-to-go of the steps *after* j estimated by -tau logp (an unbiased
 estimate of the entropy) and step j's own entropy differentiated exactly:
 
     G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j')
 
-Any b_j that does not depend on a_j keeps the gradient unbiased; the baseline here is the
-leave-one-out mean of G over the samples of the same group (same activation index j and
-same own observation o_j) in the batch.
+The weight gamma^j (:func:`activation_discounts`) is what the exact gradient of J has and
+what the usual "discounted" policy-gradient estimators drop (for gamma < 1 they overweigh
+later decisions). Any b_j that does not depend on a_j keeps the gradient unbiased; the
+baseline here is the leave-one-out mean of G over the samples of the same group (same
+activation index j and same own observation o_j) in the batch.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def soft_returns_to_go(rewards: np.ndarray, logps: np.ndarray, gamma: float,
         returns[j] = rewards[j] + future
         future = gamma * (soft[j] + future)
     return returns
+
+
+def activation_discounts(length: int, gamma: float) -> np.ndarray:
+    """gamma^j for an agent's activations j = 0 .. length - 1."""
+    return gamma ** np.arange(length, dtype=np.float64)
 
 
 def leave_one_out_baseline(values: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -1,23 +1,31 @@
 """TMF-PG: policy gradient for mean-field games with asynchronous agents.
 
-The method ("Mean-Field Reinforcement Learning without Synchrony", 2026; working model in
-``shared/design/TMF.md``): all agents share one policy pi(a | o, mu) that sees the agent's
-own observation and the population distribution mu over observations; TMF-PG ascends the
-policy gradient of the representative agent's (entropy-regularised) return J_tau(pi; mu)
-while mu follows the flow of the current policy. Here mu is the empirical distribution of
-the N-agent env, the gradient is estimated from RLlib multi-agent episodes in which only
-the acting agents step (any activation schedule, from all N per step to one), and the
-return and baseline math is in ``returns.py``.
+The method ("Mean-Field Reinforcement Learning without Synchrony", arXiv 2602.18026; the
+nested loop as the paper's author describes it, details ours, see ``docs/tmf_pg.md``): all
+agents share one policy pi(a | o, mu) that sees the agent's own observation and the population
+distribution mu over observations. Each outer iteration estimates the population flow
+mu-hat_0..mu-hat_H of the current policy, then takes ``inner_updates`` policy-gradient steps
+on the representative agent's return J(pi; mu-hat) against that *fixed* mu-hat; mu-hat is then
+re-estimated. Here mu-hat is the mean empirical flow of ``num_episodes_per_iteration``
+N-agent episodes of the current policy (``population.population_flow``), gradients are
+estimated from RLlib multi-agent episodes in which only the acting agents step (any
+activation schedule, from all N per step to one), and the return and baseline math is in
+``returns.py``.
 
-Each iteration: sample ``num_episodes_per_iteration`` complete episodes -> one gradient
-step of the TMF-PG loss per module -> broadcast weights -> exact-model metrics.
+Outer iteration: sample population episodes -> mu-hat -> inner step 1 on those episodes (they
+are samples of the current policy at mu-hat) -> for steps 2..K: freeze every runner's envs at
+mu-hat (``MeanFieldEnv.freeze_mean_field``: rewards, moves and observed mu follow mu-hat, so
+the N agents are N copies of the representative agent against the fixed flow), sample, step
+-> unfreeze -> exact-model metrics. ``inner_updates: 1`` is one gradient step per flow
+estimate (the round-1 algorithm).
 
 Result keys (besides RLlib's):
-    mean_field/exploitability              max_pi' J(pi'; mu^pi) - J(pi; mu^pi), exact model
-    mean_field/exploitability_regularized  the same for J_tau (0 at TMF-PG's fixed point)
+    mean_field/exploitability              sum_o mu_0(o) (W* - W^pi)_0(o), exact model
+    mean_field/max_gap                     max_{t,o'} V*_t(o') - V^pi_t(o') (per-state form)
+    mean_field/exploitability_regularized  the same for J_tau (only with entropy_coeff > 0)
     mean_field/value                       J(pi; mu^pi) of the current policy, exact model
     env_runners/mean_field/return_per_agent, reward_per_action, mu_l1_distance
-        (per sampled episode; see ``env_runner.MeanFieldMetricsCallback``)
+        (per population episode; see ``env_runner.MeanFieldMetricsCallback``)
 
 Policy mapping: by default every agent maps to the one module ``"shared"``;
 ``num_agent_types: K`` (> 1) maps agent_i to module ``type_{i mod K}``; any other mapping can
@@ -48,13 +56,16 @@ from ray.rllib.utils.metrics import (
 from envs.mean_field.env import MeanFieldEnv
 from rllib_ext.algorithms.tmf_pg.env_runner import (
     MEAN_FIELD,
+    MU_HISTORY,
     MeanFieldEnvRunner,
     MeanFieldMetricsCallback,
+    freeze_mean_field,
 )
 from rllib_ext.algorithms.tmf_pg.population import (
     SHARED_MODULE_ID,
     AgentTypeMapping,
     PopulationView,
+    population_flow,
     shared_policy_mapping,
 )
 
@@ -65,8 +76,11 @@ NUM_AGENT_ACTIONS_LIFETIME = "num_agent_actions_lifetime"
 class TMFPGConfig(AlgorithmConfig):
     """Config of :class:`TMFPG`. TMF-PG settings (``.training(...)``):
 
-    - ``entropy_coeff`` (tau >= 0, default 0.05): entropy regularisation; makes the
-      equilibrium unique and the iteration contractive; exploitability_regularized uses it.
+    - ``inner_updates`` (>= 1, default 1): policy-gradient steps against each fixed flow
+      estimate mu-hat (each on ``num_episodes_per_iteration`` fresh episodes).
+    - ``entropy_coeff`` (tau >= 0, default 0): entropy regularisation, optional; the games
+      here are monotone, which makes their equilibrium unique without it.
+      exploitability_regularized uses it.
     - ``num_episodes_per_iteration`` (>= 1, default 4): complete episodes per gradient step
       (one episode has about N * rounds agent actions under every schedule).
     - ``num_agent_types`` (>= 1, default 1): 1 = one shared module for all agents; K > 1 =
@@ -74,7 +88,8 @@ class TMFPGConfig(AlgorithmConfig):
     - ``exploitability_interval`` (>= 0, default 1): compute the exact-model metrics every
       that many iterations (0 = never).
 
-    Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon), complete episodes, sampling on
+    Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon; gamma < 1 discounts per own
+    action, in the learner and the exact model alike), complete episodes, sampling on
     the local env runner, the :class:`MeanFieldEnvRunner` and :class:`MeanFieldMetricsCallback`.
     An ``lr`` schedule ``[[t, value], ...]`` counts t in agent actions (result key
     ``num_agent_actions_lifetime``), which mean the same experience under every activation
@@ -85,7 +100,8 @@ class TMFPGConfig(AlgorithmConfig):
         super().__init__(algo_class=algo_class or TMFPG)
         self.lr = 0.01
         self.gamma = 1.0
-        self.entropy_coeff = 0.05
+        self.entropy_coeff = 0.0
+        self.inner_updates = 1
         self.num_episodes_per_iteration = 4
         self.num_agent_types = 1
         self.exploitability_interval = 1
@@ -97,9 +113,12 @@ class TMFPGConfig(AlgorithmConfig):
         self.policy_mapping_fn = shared_policy_mapping
 
     @override(AlgorithmConfig)
-    def training(self, *, entropy_coeff=NotProvided, num_episodes_per_iteration=NotProvided,
-                 num_agent_types=NotProvided, exploitability_interval=NotProvided, **kwargs):
+    def training(self, *, entropy_coeff=NotProvided, inner_updates=NotProvided,
+                 num_episodes_per_iteration=NotProvided, num_agent_types=NotProvided,
+                 exploitability_interval=NotProvided, **kwargs):
         super().training(**kwargs)
+        if inner_updates is not NotProvided:
+            self.inner_updates = inner_updates
         if entropy_coeff is not NotProvided:
             self.entropy_coeff = entropy_coeff
         if num_episodes_per_iteration is not NotProvided:
@@ -131,11 +150,11 @@ class TMFPGConfig(AlgorithmConfig):
         tau = self.entropy_coeff
         require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
                 and math.isfinite(tau) and tau >= 0, "entropy_coeff", f"got {tau!r}",
-                "use a number >= 0 (e.g. 0.05).")
+                "use a number >= 0 (0: the plain game).")
         require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma",
                 f"got {self.gamma!r}", "use a number in (0, 1] (1 for the finite-horizon game).")
-        for key, low in (("num_episodes_per_iteration", 1), ("num_agent_types", 1),
-                         ("exploitability_interval", 0)):
+        for key, low in (("inner_updates", 1), ("num_episodes_per_iteration", 1),
+                         ("num_agent_types", 1), ("exploitability_interval", 0)):
             value = getattr(self, key)
             require(is_int(value) and value >= low, key, f"got {value!r}",
                     f"use an integer >= {low}.")
@@ -184,7 +203,7 @@ class TMFPG(Algorithm):
             raise ValueError(f"TMFPG: env {self.config.env!r} is a {type(env).__name__}, not a "
                              "mean-field env; use ResourceSelection, DynamicQueueing or another "
                              "envs.mean_field.env.MeanFieldEnv.")
-        self.population = PopulationView(env, self.config.policy_mapping_fn)
+        self.population = PopulationView(env, self.config.policy_mapping_fn, self.config.gamma)
         spec = self.config.get_multi_rl_module_spec(
             spaces={mid: (env.observation_spaces[env.possible_agents[0]],
                           env.action_spaces[env.possible_agents[0]])
@@ -194,13 +213,37 @@ class TMFPG(Algorithm):
 
     @override(Algorithm)
     def training_step(self) -> None:
+        # Outer: the current policy's population -> mu-hat (and the first inner step's batch).
+        episodes = self._sample_and_count()
+        mu_hat = population_flow([episode.custom_data[MU_HISTORY] for episode in episodes])
+        self._update(episodes)
+        if self.config.inner_updates > 1:
+            # Inner steps 2..K against the fixed mu-hat.
+            self._freeze_runners(mu_hat)
+            try:
+                for _ in range(self.config.inner_updates - 1):
+                    self._update(self._sample_and_count())
+            finally:
+                self._freeze_runners(None)
+
+        interval = self.config.exploitability_interval
+        if interval and self.iteration % interval == 0:
+            for key, value in self.exact_metrics().items():
+                self.metrics.log_value((MEAN_FIELD, key), value, window=1)
+
+    def _sample_and_count(self) -> list:
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             episodes, runner_metrics = self._sample_episodes()
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
-
         self.metrics.log_value(NUM_AGENT_ACTIONS_LIFETIME,
                                sum(episode.agent_steps() for episode in episodes),
                                reduce="lifetime_sum")
+        if any(MU_HISTORY not in episode.custom_data for episode in episodes):
+            raise ValueError("TMFPG: sampled episodes carry no custom_data['mu_history']; "
+                             "keep MeanFieldMetricsCallback among the config's callbacks.")
+        return episodes
+
+    def _update(self, episodes: list) -> None:
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             # Schedules (lr: [[t, value], ...]) count agent actions, not env steps: one env
             # step is N actions when all act and 1 when one acts, so only actions mean the
@@ -210,27 +253,29 @@ class TMFPG(Algorithm):
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                     NUM_AGENT_ACTIONS_LIFETIME, default=0)})
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                inference_only=True)
 
-        interval = self.config.exploitability_interval
-        if interval and self.iteration % interval == 0:
-            for key, value in self.exact_metrics().items():
-                self.metrics.log_value((MEAN_FIELD, key), value, window=1)
+    def _freeze_runners(self, flow) -> None:
+        self.env_runner_group.foreach_env_runner(
+            lambda runner: freeze_mean_field(runner, flow),
+            local_env_runner=self.env_runner_group.num_remote_workers() <= 0)
 
     def exact_metrics(self) -> dict[str, float]:
-        """Exploitability (plain and regularised) and exact value of the current policy."""
+        """Exploitability (summary, per-state maximum, regularised when entropy_coeff > 0)
+        and exact value of the current policy."""
         self._evaluation_module.set_state(self.learner_group.get_weights())
         plain = self.population.evaluate(self._evaluation_module)
-        regularized = self.population.evaluate(self._evaluation_module,
-                                               self.config.entropy_coeff)
-        return {
+        metrics = {
             "exploitability": plain.exploitability,
-            "exploitability_regularized": regularized.exploitability,
+            "max_gap": plain.max_gap,
             "value": plain.value,
         }
+        if self.config.entropy_coeff > 0:
+            metrics["exploitability_regularized"] = self.population.evaluate(
+                self._evaluation_module, self.config.entropy_coeff).exploitability
+        return metrics
 
     def _sample_episodes(self):
         runners = self.env_runner_group

@@ -12,6 +12,7 @@ from ray.rllib.core.learner.learner import Learner
 from ray.rllib.utils.annotations import override
 
 from rllib_ext.algorithms.tmf_pg.returns import (
+    activation_discounts,
     baseline_groups,
     leave_one_out_baseline,
     soft_returns_to_go,
@@ -19,17 +20,19 @@ from rllib_ext.algorithms.tmf_pg.returns import (
 
 ADVANTAGES = "advantages"
 SOFT_RETURNS = "soft_returns"
+DISCOUNTS = "activation_discounts"
 
 
 class MeanFieldAdvantages(ConnectorV2):
-    """Learner connector adding ``soft_returns`` and ``advantages`` columns.
+    """Learner connector adding ``soft_returns``, ``advantages`` and
+    ``activation_discounts`` columns.
 
     Works per agent episode (the agent's own activation steps, whatever the schedule) and
     then per module: G from :func:`soft_returns_to_go` with the behaviour log-probs the env
     runner stored, baseline from :func:`leave_one_out_baseline` over groups (activation
-    index j, own observation o). The own observation is the argmax of the first O entries
-    of the observation ``[onehot(o), mu]`` (O = half the observation size), which is the
-    layout of the mean-field envs.
+    index j, own observation o), weight gamma^j from :func:`activation_discounts`. The own
+    observation is the argmax of the first O entries of the observation ``[onehot(o), mu]``
+    (O = half the observation size), which is the layout of the mean-field envs.
     """
 
     def __init__(self, input_observation_space=None, input_action_space=None, *, gamma: float,
@@ -57,6 +60,9 @@ class MeanFieldAdvantages(ConnectorV2):
             module_returns.append(returns)
             module_groups.append(groups)
             per_episode.append((episode, episode.module_id, start, length))
+            self.add_n_batch_items(batch, DISCOUNTS,
+                                   activation_discounts(length, self.gamma).astype(np.float32),
+                                   num_items=length, single_agent_episode=episode)
 
         advantages = {}
         for module_id, (module_returns, module_groups) in by_module.items():

@@ -7,13 +7,19 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 
-from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ADVANTAGES, SOFT_RETURNS, TMFPGLearner
+from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import (
+    ADVANTAGES,
+    DISCOUNTS,
+    SOFT_RETURNS,
+    TMFPGLearner,
+)
 
 
 class TMFPGTorchLearner(TMFPGLearner, TorchLearner):
-    """loss = -mean_i[ log pi(a_i | o_i, mu_i) * A_i ] - tau * mean_i[ H(pi(. | o_i, mu_i)) ]
+    """loss = -mean_i[ w_i log pi(a_i | o_i, mu_i) A_i ] - tau mean_i[ w_i H(pi(. | o_i, mu_i)) ]
 
-    over all acting agent-steps i of the batch, with A_i = G_i - b_i from
+    over all acting agent-steps i of the batch, with A_i = G_i - b_i and w_i = gamma^j_i (j_i
+    the step's activation index) from
     :class:`~rllib_ext.algorithms.tmf_pg.tmf_pg_learner.MeanFieldAdvantages`; its gradient is
     the (sample) policy gradient of the regularised objective J_tau (``returns.py``).
     """
@@ -23,9 +29,11 @@ class TMFPGTorchLearner(TMFPGLearner, TorchLearner):
         module = self.module[module_id]
         dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
         log_probs = dist.logp(batch[Columns.ACTIONS])
-        entropy = dist.entropy().mean()
-        policy_loss = -(log_probs * batch[ADVANTAGES]).mean()
-        loss = policy_loss - config.entropy_coeff * entropy
+        weights = batch[DISCOUNTS]
+        entropy = dist.entropy()
+        policy_loss = -(weights * log_probs * batch[ADVANTAGES]).mean()
+        loss = policy_loss - config.entropy_coeff * (weights * entropy).mean()
+        entropy = entropy.mean()
         self.metrics.log_dict({
             "policy_loss": policy_loss.detach(),
             "entropy": entropy.detach(),
