@@ -54,6 +54,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from envs.mean_field.env import MeanFieldEnv
+from rllib_ext import registry
 from rllib_ext.algorithms.tmf_pg.env_runner import (
     MEAN_FIELD,
     MU_HISTORY,
@@ -196,6 +197,9 @@ class TMFPG(Algorithm):
 
     @override(Algorithm)
     def setup(self, config: AlgorithmConfig) -> None:
+        # Project env names ("DynamicQueueing", ...) resolve in every env runner, also when
+        # the algorithm is built from Python rather than by the `rllib` command.
+        registry.register_project_envs()
         super().setup(config)
         env = self.env_creator(EnvContext(self.config.env_config, worker_index=0))
         env = getattr(env, "unwrapped", env)
