@@ -7,7 +7,7 @@ For each model/batch size, one optimiser step's gradient is computed by:
   one input-gradient backward, per-sample weight gradients from hooks, then the weighted
   gradient), by the route each name forces (``auto``: the default per-parameter choice);
 * ``loop``: the reference's exact route, one forward + backward per trajectory
-  (``loop_accumulate``, two accumulators per group).
+  (``opob.loop_accumulate``, two accumulators per group).
 
 Times are CPU time of this process (``time.process_time``), not wall time: on a machine shared
 with other jobs, wall time mostly measures how long the process waited for a core. Methods run
@@ -33,11 +33,9 @@ from common import RESULTS, markdown_table, write_results
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rllib_ext.algorithms.vcpo import losses
-from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
-    PerSampleGradients,
-    loop_accumulate,
-)
-from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
+from rllib_ext.algorithms.vcpo.torch.opob import fixed_terms, loop_accumulate
+from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients
+from rllib_ext.llm.log_probs import pack_prompt_response, response_log_probs
 from rllib_ext.llm.tiny import TinyModelSpec
 from rllib_ext.utils.heap import keep_freed_heap
 
@@ -123,8 +121,8 @@ def run_case(case: Case, rounds: int, loop_rounds: int) -> dict:
 
     def loop():
         model.zero_grad(set_to_none=True)
-        norms["loop"] = loop_accumulate(model, response_log_probs, batch, mask, rewards, weights,
-                                        groups, normalizer).grad_sq_norms
+        norms["loop"] = loop_accumulate(model, response_log_probs, batch, rewards, groups,
+                                        fixed_terms(mask, weights), normalizer).grad_sq_norms
 
     methods = {"plain": plain, **{name: per_sample(name) for name in ROUTES}, "loop": loop}
     times: dict[str, list[float]] = {name: [] for name in methods}

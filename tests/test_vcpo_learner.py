@@ -136,7 +136,8 @@ def test_opob_ghost_and_loop_routes_take_the_same_exact_step(episodes):
     assert r_ghost[DEFAULT_MODULE_ID]["trajectory_grad_norm_mean"].peek() == pytest.approx(
         r_loop[DEFAULT_MODULE_ID]["trajectory_grad_norm_mean"].peek(), rel=1e-4)
     assert g_ghost.abs().max() > 0
-    assert torch.allclose(g_ghost, g_loop, rtol=1e-4, atol=1e-8)
+    # float32: summation orders differ (absolute tolerance scaled to the gradient's size)
+    assert torch.allclose(g_ghost, g_loop, rtol=1e-4, atol=1e-5 * float(g_loop.abs().max()))
 
 
 def test_opob_gradient_matches_brute_force_per_sample_autograd(episodes):
