@@ -203,3 +203,43 @@ def test_rlmodule_forward_matches_response_log_probs(episodes):
         out = module.forward_train(batch)[RESPONSE_LOGP]
         direct = response_log_probs(module.model, batch)
     assert torch.equal(out, direct)
+
+
+def test_two_learners_take_the_same_step_as_one(episodes, ray_session):
+    """Groups stay whole on each learner, gradients and the ESS sums are all-reduced: two
+    learners (gloo) compute the one-learner step on the same batch."""
+    import ray
+
+    from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
+
+    def module_gradients(learner):  # (nested: Ray pickles it by value for the learner actors)
+        """The gradient of the last step, as the optimiser received it (after the all-reduce)."""
+        model = learner.module[DEFAULT_MODULE_ID].model
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    shifted = with_behaviour_shift(episodes, np.linspace(-0.5, 0.5, len(episodes)))
+    one = build()
+    want_stats = one.update(episodes=shifted)[DEFAULT_MODULE_ID]
+    want = module_gradients(one)
+    cfg = config().learners(num_learners=2, num_cpus_per_learner=1)
+    runner = LLMEnvRunner(config=cfg, worker_index=0, num_workers=1)  # spaces only
+    group = cfg.build_learner_group(
+        spaces={DEFAULT_MODULE_ID: runner.get_spaces()[DEFAULT_MODULE_ID]})
+    try:
+        shards = group_shards(shifted, 2)
+        assert {len(s) for s in shards} == {N * PROMPTS // 2}
+        results = group.update(episodes_refs=[ray.put(shard) for shard in shards])
+        gradients = [r.get() for r in group.foreach_learner(module_gradients)]
+        with pytest.raises(ray.exceptions.RayTaskError, match="whole groups on one learner"):
+            group.update(episodes_refs=[ray.put(shifted[::2]), ray.put(shifted[1::2])])
+    finally:
+        group.shutdown()
+    assert want.abs().max() > 0
+    for got in gradients:
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for result in results:
+        stats = result[DEFAULT_MODULE_ID]
+        for key in ("ess_ratio", "ess_lr_scale", "trajectory_grad_norm_mean", "entropy",
+                    "is_truncated_fraction", "total_loss", "staleness_mean"):
+            assert stats[key].peek() == pytest.approx(want_stats[key].peek(), rel=1e-5,
+                                                       abs=1e-9), key
