@@ -5,11 +5,9 @@ import itertools
 import math
 import subprocess
 import sys
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rllib_ext.algorithms.vcpo import losses
@@ -24,6 +22,7 @@ from rllib_ext.algorithms.vcpo.torch.step import (
     VCPOStepSettings,
 )
 from rllib_ext.llm.log_probs import chunk_bounds, pack_prompt_response, response_log_probs
+from rllib_ext.utils.tensor_memory import PeakTensorMemory
 
 VOCAB, GROUP = 48, 4
 
@@ -137,30 +136,6 @@ def test_chunks_hold_whole_rows_or_pieces_of_one_row():
         chunk_bounds((1,), 0)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the block and alive at the same time."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-
 def test_head_memory_grows_with_the_chunk_not_with_the_batch():
     """32k vocabulary: the peak memory of forward + backward grows with the chunk of tokens,
     not with the number of response tokens (the full-logits implementation grows with B x R)."""
@@ -176,9 +151,9 @@ def test_head_memory_grows_with_the_chunk_not_with_the_batch():
 
     def peak(fn, data):
         model.zero_grad(set_to_none=True)
-        with LiveBytes() as counter:
+        with PeakTensorMemory() as counter:
             fn(model, data).sum().backward()
-        return counter.peak / mib
+        return counter.peak_bytes / mib
 
     small, large = batch(4, 16), batch(16, 64)  # 64 vs 1024 response tokens
     chunked = {(name, c): peak(lambda m, d, c=c: response_log_probs(m, d, chunk_tokens=c), data)
