@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rllib_ext.algorithms.vcpo import losses
 from rllib_ext.algorithms.vcpo.torch.micro_batches import plan_micro_batches
 from rllib_ext.algorithms.vcpo.torch.opob import score_grad_sq_norms_loop
-from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients
+from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients, RowClasses
 from rllib_ext.algorithms.vcpo.torch.step import (
     BASELINES,
     CORRECTIONS,
@@ -193,6 +193,23 @@ def test_chunked_head_per_sample_norms_and_gradient(tie, chunk):
     _, norms = psg.forward_backward(forward, lm, mask)
     assert torch.allclose(norms, truth, rtol=1e-5, atol=0)
     psg.accumulate_grads(-coefficients)
+    for name, p in model.named_parameters():
+        assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
+    model.zero_grad(set_to_none=True)
+    # coefficients of the promised form scale_i * value[class_i]: the head sums per class in
+    # its backward instead of recomputing
+    scale = torch.linspace(0.5, 2.0, mask.shape[0])
+    index = torch.tensor([0, 1, -1, 0, 2, 1, 2, 0])
+    values = torch.tensor([-0.7, 1.3, 0.4])
+    classes = RowClasses(scale, index, 3)
+    losses.policy_gradient_loss(forward(model, lm), mask, -classes.coefficients(values), 1.0
+                                ).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with psg.capture():
+        logp = forward(model, lm, head_observer=psg)
+    psg.backward(logp, mask, classes)
+    psg.accumulate_grads(class_values=values)
     for name, p in model.named_parameters():
         assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
     model.zero_grad(set_to_none=True)

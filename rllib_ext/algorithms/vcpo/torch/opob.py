@@ -34,7 +34,11 @@ import torch
 from torch import nn
 
 from rllib_ext.algorithms.vcpo import losses
-from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients, score_objective
+from rllib_ext.algorithms.vcpo.torch.per_sample import (
+    PerSampleGradients,
+    RowClasses,
+    score_objective,
+)
 from rllib_ext.algorithms.vcpo.torch.per_sample.modules import trainable_named_parameters
 from rllib_ext.algorithms.vcpo.torch.per_sample.params import accumulate_into_grad
 
@@ -107,14 +111,31 @@ def one_shot_accumulate(psg: PerSampleGradients, forward_fn: ForwardFn, batch: A
     rows = torch.arange(logp.shape[0], device=logp.device)
     try:
         row_terms = terms(rows, logp.detach())
-        norms = psg.backward(logp, row_terms.score_mask)
+        classes = opob_classes(rewards, group_ids, row_terms.weights, eps)
+        norms = psg.backward(logp, row_terms.score_mask, classes)
     except BaseException:
         psg.release()
         raise
     result = _opob_result(norms, rewards, row_terms.weights, group_ids, logp.detach(),
                           entropy, eps, baseline_eps)
-    psg.accumulate_grads(-(result.advantages * row_terms.weights) / normalizer)
+    values = torch.zeros(classes.count, dtype=result.advantages.dtype,
+                         device=result.advantages.device)
+    member = classes.index >= 0
+    values[classes.index[member]] = -result.advantages[member] / normalizer
+    psg.accumulate_grads(class_values=values)
     return result
+
+
+def opob_classes(rewards: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor,
+                 eps: float) -> RowClasses:
+    """OPOB's coefficients ``c_i = w_i (R_i - b*_G) / (-N sigma_G)`` as ``w_i`` times a value
+    per (group, reward) class, known before the norms (groups with ``sigma_G <= eps`` add
+    nothing: class -1)."""
+    sigma = losses.group_reward_std(rewards, group_ids)
+    keys: dict[tuple[int, float], int] = {}
+    index = [keys.setdefault((g, r), len(keys)) if s > eps else -1 for g, r, s in
+             zip(group_ids.tolist(), rewards.tolist(), sigma.tolist(), strict=True)]
+    return RowClasses(weights, torch.tensor(index, device=weights.device), len(keys))
 
 
 def loop_accumulate(model: nn.Module, forward_fn: ForwardFn, batch: Any, rewards: torch.Tensor,

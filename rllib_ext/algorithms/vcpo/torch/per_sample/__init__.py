@@ -37,7 +37,9 @@ that is the last position and the right padding, ~20% of the rows of the tiny mo
 """
 
 from rllib_ext.algorithms.vcpo.torch.per_sample.gradients import PerSampleGradients, score_objective
+from rllib_ext.algorithms.vcpo.torch.per_sample.head import RowClasses
 from rllib_ext.algorithms.vcpo.torch.per_sample.modules import UnsupportedModuleError
 from rllib_ext.algorithms.vcpo.torch.per_sample.params import STRATEGIES
 
-__all__ = ["STRATEGIES", "PerSampleGradients", "UnsupportedModuleError", "score_objective"]
+__all__ = ["STRATEGIES", "PerSampleGradients", "RowClasses", "UnsupportedModuleError",
+           "score_objective"]

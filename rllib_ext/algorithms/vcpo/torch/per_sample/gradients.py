@@ -18,7 +18,7 @@ from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import (
 )
 from rllib_ext.algorithms.vcpo.torch.per_sample.device_costs import memory_cost
 from rllib_ext.algorithms.vcpo.torch.per_sample.factored import Factored, PieceShape, active_length
-from rllib_ext.algorithms.vcpo.torch.per_sample.head import HeadRecorder
+from rllib_ext.algorithms.vcpo.torch.per_sample.head import HeadRecorder, RowClasses
 from rllib_ext.algorithms.vcpo.torch.per_sample.modules import (
     Call,
     Hooked,
@@ -112,6 +112,7 @@ class PerSampleGradients:
         strategy: str = "auto",
         materialize_budget_bytes: int = 1 << 30,
         chunk_bytes: int = 1 << 22,
+        head_class_bytes: int | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
@@ -131,6 +132,11 @@ class PerSampleGradients:
         self.strategy = strategy
         self.materialize_budget_bytes = materialize_budget_bytes
         self.chunk_bytes = chunk_bytes
+        device = next(model.parameters()).device
+        #: memory for the head's per-class sums (see ``RowClasses``): 1 GiB on a CPU, 8 on a GPU
+        self.head_class_bytes = head_class_bytes if head_class_bytes is not None else \
+            (8 << 30 if device.type == "cuda" else 1 << 30)
+        self._memory_cost = memory_cost(device)
         self._param_names = {id(p): n for n, p in trainable_named_parameters(model)}
         self._params_by_address = {p.data_ptr(): p for _, p in model.named_parameters()
                                    if p.requires_grad}
@@ -142,6 +148,7 @@ class PerSampleGradients:
         self._capturing = False
         self._casts: dict[tuple, torch.Tensor] = {}
         self._pending: list[ParamGrads] | None = None
+        self._classes: RowClasses | None = None
         self._batch_size = 0
         self._workspace = Workspace(chunk_bytes)
         self._active_hints: dict[int, int] = {}  # see active_length; per backward
@@ -232,11 +239,14 @@ class PerSampleGradients:
 
     # -- phase 2: backward --------------------------------------------------------------------
 
-    def backward(self, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def backward(self, logp: torch.Tensor, mask: torch.Tensor,
+                 classes: RowClasses | None = None) -> torch.Tensor:
         """Per-trajectory ``||g_i||^2`` (``[B]``, float64) for the captured forward.
 
         Runs the backward pass (input gradients only), building the per-sample weight gradients
-        on the way, and keeps what ``accumulate_grads`` needs.
+        on the way, and keeps what ``accumulate_grads`` needs. ``classes``: the form the
+        coefficients will have (then pass ``class_values`` to ``accumulate_grads``), which
+        spares the chunked head its recomputation.
         """
         if not self._calls and self._head is None:
             raise RuntimeError("nothing captured: run forward_fn inside `with psg.capture():`")
@@ -244,6 +254,7 @@ class PerSampleGradients:
         objective = score_objective(logp, mask)
         batch = logp.shape[0]
         self._check_calls(calls, batch)
+        self._classes = classes
         self._records = records = self._plan(calls, batch)
         self._active_hints.clear()
         handles = [
@@ -322,11 +333,12 @@ class PerSampleGradients:
             record = expect(param, None)
             record.expects_head = True
             self._head_recorder = HeadRecorder(batch, embedding_ids.get(id(param)),
-                                               ghost_max_tokens=self._head.hidden.shape[1])
+                                               self._memory_cost, self._classes,
+                                               self.head_class_bytes)
         budget = self.materialize_budget_bytes
-        cost = memory_cost(next(iter(records.values())).param.device) if records else 0.0
         for rec in records.values():
-            budget -= rec.choose_route(self.strategy, budget, self.chunk_bytes, cost)
+            budget -= rec.choose_route(self.strategy, budget, self.chunk_bytes,
+                                       self._memory_cost)
         self.last_plan = {rec.name: rec.route for rec in records.values()}
         return records
 
@@ -373,10 +385,21 @@ class PerSampleGradients:
 
     # -- phase 3: the weighted gradient -------------------------------------------------------
 
-    def accumulate_grads(self, coefficients: torch.Tensor) -> None:
-        """``p.grad += sum_i c_i g_i`` for every trainable parameter; frees the step's state."""
+    def accumulate_grads(self, coefficients: torch.Tensor | None = None, *,
+                         class_values: torch.Tensor | None = None) -> None:
+        """``p.grad += sum_i c_i g_i`` for every trainable parameter; frees the step's state.
+
+        Either ``coefficients`` ``[B]``, or ``class_values`` ``[classes]`` after a backward
+        given ``classes``: then ``c_i = classes.scale_i * class_values[classes.index_i]``.
+        """
         if self._pending is None:
             raise RuntimeError("call backward(logp, mask) before accumulate_grads(coefficients)")
+        if (coefficients is None) == (class_values is None):
+            raise ValueError("pass either coefficients or class_values")
+        if class_values is not None:
+            if self._classes is None:
+                raise ValueError("class_values need a backward(..., classes=RowClasses(...))")
+            coefficients = self._classes.coefficients(class_values)
         if coefficients.shape != (self._batch_size,):
             raise ValueError(
                 f"coefficients must have shape [B]=({self._batch_size},); got "
@@ -389,13 +412,13 @@ class PerSampleGradients:
         cache = WeightedSumCache([f for rec in pending for f in rec.factored])
         while pending:
             rec = pending.pop()
-            grad = rec.weighted_sum(c.to(rec.param.device), cache)
+            grad = rec.weighted_sum(c.to(rec.param.device), cache, class_values)
             if grad is not None:
                 accumulate_into_grad(rec.param, grad)
 
     def release(self) -> None:
         """Drop the step's captured state and the reused buffers, without touching ``.grad``."""
-        self._calls, self._pending, self._head = None, None, None
+        self._calls, self._pending, self._head, self._classes = None, None, None, None
         self._workspace.clear()
 
     def forward_backward(

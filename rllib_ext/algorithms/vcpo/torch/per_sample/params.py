@@ -201,8 +201,8 @@ class ParamGrads:
             self.norms = self._sq_norms(workspace)
         return self.norms
 
-    def weighted_sum(self, coefficients: torch.Tensor, cache: WeightedSumCache
-                     ) -> torch.Tensor | None:
+    def weighted_sum(self, coefficients: torch.Tensor, cache: WeightedSumCache,
+                     class_values: torch.Tensor | None = None) -> torch.Tensor | None:
         """``sum_b c_b G_b`` (float32): one ``[B] x [B, P]`` product when stored, else one
         matmul a piece (the head's: recomputed, see ``HeadPiece.weighted_sum``)."""
         if not self.received:
@@ -212,8 +212,7 @@ class ParamGrads:
         parts += [torch.tensordot(c, d.to(c.dtype), dims=1) for d in self.dense]
         if self.stored is not None:
             flat = self.stored.reshape(self.batch, -1)
-            parts.append(bmm_f32(c[None].to(flat.dtype) if flat.dtype != c.dtype else c[None],
-                                 flat).view(self.param.shape))
+            parts.append(bmm_f32(c[None].to(flat.dtype), flat).view(self.param.shape))
         if self.head is not None:
-            parts.append(self.head.weighted_sum(c).view(self.param.shape))
+            parts.append(self.head.weighted_sum(c, class_values).view(self.param.shape))
         return functools.reduce(torch.add, parts)
