@@ -51,6 +51,7 @@ from rllib_ext.algorithms.vcpo import losses
 from rllib_ext.algorithms.vcpo.torch.step import StepBatch, VCPOStep, VCPOStepSettings
 from rllib_ext.llm.log_probs import pack_prompt_response, response_log_probs
 from rllib_ext.llm.tiny import tiny_model_dir
+from rllib_ext.utils.heap import keep_freed_heap
 from rllib_ext.utils.tensor_memory import PeakTensorMemory
 
 NAME = "vcpo_learner_scale"
@@ -417,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe_check and device.type != "cuda":
         parser.error("--recipe-check needs --device cuda (a 1.5B model's 64 x 4096-token step)")
     if device.type == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # as a CPU learner with one CPU (learner_cpus)
+        keep_freed_heap(512 << 20)  # as a CPU learner's process (learner_heap_keep_mb)
     args.rounds = 2 if args.quick else 5
     cases = SMOKE if args.cases == "smoke" else (
         (GPU_QUICK if args.quick else GPU_CASES) if device.type == "cuda"

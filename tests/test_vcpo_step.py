@@ -14,6 +14,7 @@ from rllib_ext.algorithms.vcpo import losses
 from rllib_ext.algorithms.vcpo.torch.micro_batches import plan_micro_batches
 from rllib_ext.algorithms.vcpo.torch.opob import score_grad_sq_norms_loop
 from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients, RowClasses
+from rllib_ext.algorithms.vcpo.torch.per_sample import head as head_module
 from rllib_ext.algorithms.vcpo.torch.step import (
     BASELINES,
     CORRECTIONS,
@@ -171,11 +172,14 @@ def test_head_memory_grows_with_the_chunk_not_with_the_batch():
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("chunk", [3, 100], ids=["rows_split", "whole_rows"])
-def test_chunked_head_per_sample_norms_and_gradient(tie, chunk):
-    """The head's per-sample pieces from its own backward: Gram norms for short rows, rows
-    built in a [V, d] buffer when longer than d = 8 tokens or split over chunks; with a tied
-    embedding the cross term. Norms against the per-row loop, gradient against autograd."""
+@pytest.mark.parametrize(("chunk", "row_by_row"), [(3, 64), (100, 64), (100, 1)],
+                         ids=["rows_split", "whole_rows_padded", "whole_rows_one_by_one"])
+def test_chunked_head_per_sample_norms_and_gradient(tie, chunk, row_by_row, monkeypatch):
+    """The head's per-sample pieces from its own backward: Gram norms for short rows (padded
+    to a batch, or row by row), rows built in a [V, d] buffer when that is cheaper or split
+    over chunks; with a tied embedding the cross term; per-class sums. Norms against the
+    per-row loop, gradients against autograd."""
+    monkeypatch.setattr(head_module, "ROW_BY_ROW_TOKENS", row_by_row)
     model = llama(tie, hidden=8)
     lm = ragged_batch(2, seed=4, max_response=14)
     mask = lm["response_mask"]

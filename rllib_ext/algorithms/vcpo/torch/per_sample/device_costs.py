@@ -1,12 +1,14 @@
 """What moving memory costs relative to arithmetic on a device: the route planners' constant.
 
-``memory_cost(device)`` is the number of floating-point operations that take as long as moving
-one tensor element through memory. On a CPU it is a measured constant (8: the per-sample
-routes were tuned with it on this project's 2-core machine; only its order of magnitude
-matters). On a GPU it is calibrated once per process and device by timing a large half-
-precision matmul against a large copy (about 0.1 s): tensor cores make arithmetic 100-500x
-cheaper than memory traffic there, and a CPU-tuned constant picks memory-bound routes that
-are several times slower (measured on an H200 in issue 11).
+``memory_cost(device, nbytes)`` is the number of floating-point operations that take as long as
+moving one element of an ``nbytes`` tensor through memory. On a CPU two measured constants:
+8 for tensors that stay in cache (up to 2 MiB; the per-sample routes were tuned with it on the
+tiny model), 40 beyond (one thread of this project's 2-core x86 machine: 52 GFLOP/s in a
+float32 matmul, 1.3-1.5 G elements/s in a 16-64 MiB copy). On a GPU it is calibrated once per
+process and device by timing a large half-precision matmul against a large copy (about
+0.1 s): tensor cores make arithmetic 100-500x cheaper than memory traffic there, and a
+CPU-tuned constant picks memory-bound routes that are several times slower (measured on an
+H200 in issue 11). Only the order of magnitude matters for the route choices.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import time
 
 import torch
 
-CPU_MEMORY_COST = 8.0
+CPU_MEMORY_COST = 8.0  # tensors that stay in cache
+CPU_MEMORY_COST_BEYOND_CACHE = 40.0
+CPU_CACHE_BYTES = 2 << 20
 
 
-def memory_cost(device: torch.device | str) -> float:
+def memory_cost(device: torch.device | str, nbytes: int = CPU_CACHE_BYTES) -> float:
     device = torch.device(device)
     if device.type != "cuda":
-        return CPU_MEMORY_COST
+        return CPU_MEMORY_COST if nbytes <= CPU_CACHE_BYTES else CPU_MEMORY_COST_BEYOND_CACHE
     return _calibrated_cuda(device.index if device.index is not None
                             else torch.cuda.current_device())
 

@@ -136,7 +136,7 @@ class PerSampleGradients:
         #: memory for the head's per-class sums (see ``RowClasses``): 1 GiB on a CPU, 8 on a GPU
         self.head_class_bytes = head_class_bytes if head_class_bytes is not None else \
             (8 << 30 if device.type == "cuda" else 1 << 30)
-        self._memory_cost = memory_cost(device)
+        self._memory_cost = functools.partial(memory_cost, device)  # of a tensor's bytes
         self._param_names = {id(p): n for n, p in trainable_named_parameters(model)}
         self._params_by_address = {p.data_ptr(): p for _, p in model.named_parameters()
                                    if p.requires_grad}
@@ -333,8 +333,8 @@ class PerSampleGradients:
             record = expect(param, None)
             record.expects_head = True
             self._head_recorder = HeadRecorder(batch, embedding_ids.get(id(param)),
-                                               self._memory_cost, self._classes,
-                                               self.head_class_bytes)
+                                               self._memory_cost, self._workspace,
+                                               self._classes, self.head_class_bytes)
         budget = self.materialize_budget_bytes
         for rec in records.values():
             budget -= rec.choose_route(self.strategy, budget, self.chunk_bytes,

@@ -35,11 +35,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import torch
 
+from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import Workspace
 from rllib_ext.algorithms.vcpo.torch.per_sample.factored import Factored
-from rllib_ext.algorithms.vcpo.torch.per_sample.precision import bmm_f32
+from rllib_ext.algorithms.vcpo.torch.per_sample.precision import addmm_f32_, bmm_f32
 from rllib_ext.llm.log_probs import HeadInputs, head_weight_grad
 
 
@@ -91,22 +93,30 @@ class HeadPiece:
         return head_weight_grad(self.head, upstream)[0]
 
 
+# Rows at least this long get their Gram matrices and class sums row by row, on views (no
+# padded copy of the chunk's [c, V] output gradient).
+ROW_BY_ROW_TOKENS = 64
+
+
 class HeadRecorder:
     """Builds the :class:`HeadPiece` of one backward from the head's chunks (see the module
     docstring). ``token_ids [B, L]``: the embedding's input when the head's weight is tied to
     it (else None); ``classes``: see :class:`RowClasses` (kept as sums when they fit
-    ``class_bytes``); ``memory_cost``: FLOPs per element moved (``device_costs``), for the
-    per-row choice between Gram norms and building ``G_b``."""
+    ``class_bytes``); ``memory_cost(nbytes)``: FLOPs per element moved (``device_costs``), for the
+    per-row choice between Gram norms and building ``G_b``; ``workspace``: where the ``[V, d]``
+    row buffer and the class sums live across steps (no fresh pages each step)."""
 
-    def __init__(self, batch: int, token_ids: torch.Tensor | None, memory_cost: float,
-                 classes: RowClasses | None = None, class_bytes: int = 1 << 30) -> None:
+    def __init__(self, batch: int, token_ids: torch.Tensor | None,
+                 memory_cost: Callable[[int], float],
+                 workspace: Workspace, classes: RowClasses | None = None,
+                 class_bytes: int = 1 << 30) -> None:
         self.batch, self.token_ids, self.memory_cost = batch, token_ids, memory_cost
-        self.classes, self.class_bytes = classes, class_bytes
+        self.workspace, self.classes, self.class_bytes = workspace, classes, class_bytes
         self.sq_norms: torch.Tensor | None = None
         self.embedding_rows: torch.Tensor | None = None
         self.class_sums: torch.Tensor | None = None
         self._class_of: list[int] = []
-        self._open: tuple[int, torch.Tensor] | None = None  # a row built over several chunks
+        self._open: int | None = None  # the row being built (over one or several chunks)
         self._starts: list[int] = []
 
     def chunk(self, head: HeadInputs, lo: int, hi: int, grad_logits: torch.Tensor,
@@ -148,10 +158,13 @@ class HeadRecorder:
         if self.token_ids is not None:
             self.embedding_rows = torch.zeros(
                 (*self.token_ids.shape, hidden.shape[1]), dtype=torch.float32, device=device)
-        size = grad_logits.shape[1] * hidden.shape[1]
+        shape = (grad_logits.shape[1], hidden.shape[1])
+        size, like = shape[0] * shape[1], self.sq_norms
+        self._row_gradient = self.workspace.buffer("head:row", size, like)[:size].view(shape)
         if self.classes is not None and self.classes.count * size * 4 <= self.class_bytes:
-            self.class_sums = torch.zeros(self.classes.count, grad_logits.shape[1],
-                                          hidden.shape[1], dtype=torch.float32, device=device)
+            count = self.classes.count
+            self.class_sums = self.workspace.buffer("head:classes", count * size, like)[
+                :count * size].view(count, *shape).zero_()
             self._class_of = self.classes.index.tolist()
 
     def _gram_is_cheaper(self, length: int, vocab: int, width: int) -> bool:
@@ -160,8 +173,8 @@ class HeadRecorder:
         summing = self.class_sums is not None
         gram = 2 * length * length * (vocab + width) + (2 * length * vocab * width if summing
                                                          else 0)
-        build = 2 * length * vocab * width + self.memory_cost * vocab * width * (
-            5 if summing else 2)
+        build = 2 * length * vocab * width + self.memory_cost(4 * vocab * width) * (
+            vocab * width * (5 if summing else 2))
         return gram < build
 
     def _row_of(self, token: int) -> int:
@@ -170,8 +183,26 @@ class HeadRecorder:
 
     def _ghost(self, rows: list[tuple[int, int, int]], grad_logits: torch.Tensor,
                hidden: torch.Tensor) -> None:
-        """Norms (embedding rows, class sums) of whole short rows of one chunk, padded to a
-        batch for the Grams."""
+        """Norms (embedding rows, class sums) of whole short rows of one chunk: row by row on
+        views when rows are long enough to make good matmuls, else padded to one batch."""
+        if min(b - a for _, a, b in rows) >= ROW_BY_ROW_TOKENS:
+            for r, a, b in rows:
+                self._ghost_row(r, grad_logits[a:b], hidden[a:b])
+        else:
+            self._ghost_padded(rows, grad_logits, hidden)
+
+    def _ghost_row(self, row: int, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        gram = bmm_f32(grad_logits, grad_logits.T) * bmm_f32(hidden, hidden.T)
+        self.sq_norms[row] = gram.sum()
+        if self.token_ids is not None:
+            at_ids = grad_logits[:, self.token_ids[row]]  # [l, L]
+            self.embedding_rows[row] = bmm_f32(at_ids.T, hidden)
+        if self.class_sums is not None and self._class_of[row] >= 0:
+            scaled = hidden * self.classes.scale[row].to(hidden.dtype)  # (d << V: scale h)
+            addmm_f32_(self.class_sums[self._class_of[row]], grad_logits.T, scaled, first=False)
+
+    def _ghost_padded(self, rows: list[tuple[int, int, int]], grad_logits: torch.Tensor,
+                      hidden: torch.Tensor) -> None:
         longest = max(b - a for _, a, b in rows)
         device = hidden.device
         first = torch.tensor([a for _, a, _ in rows], device=device)
@@ -199,21 +230,20 @@ class HeadRecorder:
             scale = torch.repeat_interleave(
                 self.classes.scale[torch.tensor([r for r, _, _ in ranges], device=device)],
                 torch.tensor([b - a for _, a, b in ranges], device=device))
-            scaled = grad_logits[tokens] * scale[:, None].to(grad_logits.dtype)
-            self.class_sums[k] += bmm_f32(scaled.T, hidden[tokens])
+            scaled = hidden[tokens] * scale[:, None].to(hidden.dtype)
+            addmm_f32_(self.class_sums[k], grad_logits[tokens].T, scaled, first=False)
 
     def _build(self, row: int, grad_logits: torch.Tensor, hidden: torch.Tensor,
                last: bool) -> None:
         """Add tokens of ``row`` to its ``[V, d]`` gradient; after the last: its norm, its
         rows at the embedding's ids, and its share of its class sum."""
-        if self._open is None or self._open[0] != row:
-            self._open = (row, torch.zeros(grad_logits.shape[1], hidden.shape[1],
-                                           dtype=torch.float32, device=hidden.device))
-        gradient = self._open[1]
-        gradient += bmm_f32(grad_logits.T, hidden)
+        first = self._open != row
+        self._open = row
+        gradient = self._row_gradient
+        addmm_f32_(gradient, grad_logits.T, hidden, first)
         if not last:
             return
-        self.sq_norms[row] = gradient.square().sum()
+        self.sq_norms[row] = torch.linalg.vector_norm(gradient).square()
         if self.token_ids is not None:
             self.embedding_rows[row] = gradient[self.token_ids[row]]
         if self.class_sums is not None and self._class_of[row] >= 0:

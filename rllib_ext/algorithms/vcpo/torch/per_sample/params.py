@@ -4,6 +4,7 @@ them into norms (planned from a FLOP + memory-traffic estimate), and its weighte
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -69,8 +70,9 @@ class ParamGrads:
     # -- planning ------------------------------------------------------------------------------
 
     def route_costs(self, memory_cost: float) -> dict[str, float]:
-        """Rough cost (FLOPs, memory traffic weighted by ``memory_cost`` FLOPs per element) of
-        each route: building/normalising the per-sample gradients plus the later weighted sum."""
+        """Rough cost (FLOPs, memory traffic weighted by ``memory_cost`` FLOPs per element, see
+        ``device_costs``) of each route: building/normalising the per-sample gradients plus the
+        later weighted sum."""
         rows, cols = self.param.shape[0], self.param.numel() // self.param.shape[0]
         batch = self.batch
         build = reread = ghost = 0
@@ -92,15 +94,16 @@ class ParamGrads:
         }
 
     def choose_route(self, strategy: str, budget_bytes: int, chunk_bytes: int,
-                     memory_cost: float) -> int:
-        """Pick the route; returns the bytes of per-sample storage it keeps."""
+                     memory_cost: Callable[[int], float]) -> int:
+        """Pick the route (``memory_cost(nbytes)``: the device's cost of moving one element of
+        an ``nbytes`` tensor); returns the bytes of per-sample storage it keeps."""
         sample_bytes = self.param.numel() * self.param.element_size()
         stored_bytes = self.batch * sample_bytes
         has_dense = self.expected > len(self.shapes) + self.expects_head
         if not self.shapes:  # biases, norm weights ([B, d], stored), or the head alone
             self.route = "materialize"
         elif strategy == "auto":
-            costs = self.route_costs(memory_cost)
+            costs = self.route_costs(memory_cost(stored_bytes))
             if stored_bytes > budget_bytes or self.expects_head:
                 del costs["materialize"]  # (the head's piece pairs with factored pieces)
             if sample_bytes > chunk_bytes and len(costs) > 1:

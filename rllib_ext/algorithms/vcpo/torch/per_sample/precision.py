@@ -34,3 +34,17 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return op(a, b, out_dtype=torch.float32)
         return torch.matmul(a, b).float()
     return torch.matmul(a.float(), b.float())
+
+
+def addmm_f32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` (``first``) or ``out += a @ b`` for a float32 ``out``, without a
+    temporary when the inputs are float32 too."""
+    if a.dtype == b.dtype == out.dtype:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(bmm_f32(a, b))
+    else:
+        out += bmm_f32(a, b)
