@@ -243,3 +243,18 @@ def test_two_learners_take_the_same_step_as_one(episodes, ray_session):
                     "is_truncated_fraction", "total_loss", "staleness_mean"):
             assert stats[key].peek() == pytest.approx(want_stats[key].peek(), rel=1e-5,
                                                        abs=1e-9), key
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (dict(learner_dtype="float16"), "learner_dtype must be one of"),
+    (dict(learner_micro_batch_tokens=0), "learner_micro_batch_tokens must be"),
+    (dict(opob_grad_norms="fast"), "opob_grad_norms must be one of"),
+])
+def test_bad_learner_settings_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        config(**setting).validate()
+
+
+def test_several_learners_need_a_group_each():
+    with pytest.raises(ValueError, match="num_learners=8 needs at least as many groups"):
+        config().learners(num_learners=8).validate()

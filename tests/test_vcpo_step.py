@@ -2,9 +2,11 @@
 correction x baseline, the head's memory, mixed precision. Torch and transformers only."""
 
 import itertools
+import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,9 +205,8 @@ def test_chunked_head_per_sample_norms_and_gradient(tie, chunk, row_by_row, monk
     # coefficients of the promised form scale_i * value[class_i]: the head sums per class in
     # its backward instead of recomputing
     scale = torch.linspace(0.5, 2.0, mask.shape[0])
-    index = torch.tensor([0, 1, -1, 0, 2, 1, 2, 0])
     values = torch.tensor([-0.7, 1.3, 0.4])
-    classes = RowClasses(scale, index, 3)
+    classes = RowClasses.of(scale, [0, 1, -1, 0, 2, 1, 2, 0])
     losses.policy_gradient_loss(forward(model, lm), mask, -classes.coefficients(values), 1.0
                                 ).backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -292,6 +293,25 @@ def test_opob_routes_agree_and_match_brute_force():
             float(scores.norm(dim=1).mean()), rel=1e-5)
 
 
+def test_gradient_checkpointing_takes_the_loop_route_and_says_so(caplog):
+    model = llama()
+    batch = step_batch(model)
+    _, want = gradient_of(model, VCPOStepSettings(dtype="float32"), batch)
+    model.gradient_checkpointing_enable()
+    model.train()  # (transformers checkpoints in training mode only)
+    with caplog.at_level(logging.INFO, logger="rllib_ext.algorithms.vcpo.torch.step"):
+        step = VCPOStep(model, VCPOStepSettings(dtype="float32"))
+        outcomes = [step.compute_gradients(batch) for _ in range(2)]
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    assert step.opob_route == "loop" and all(o.routes["loop"] > 0 for o in outcomes)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    notes = [r for r in caplog.records if r.name == "rllib_ext.algorithms.vcpo.torch.step"]
+    assert len(notes) == 1 and "loop route" in notes[0].getMessage()
+    with pytest.raises(ValueError, match="opob_grad_norms='ghost' cannot run with gradient"):
+        VCPOStep(model, VCPOStepSettings(opob_grad_norms="ghost"))
+
+
 def test_step_metrics_against_hand_computation():
     model = llama()
     batch = step_batch(model)
@@ -372,7 +392,9 @@ def test_learner_dtype_auto_is_float32_on_a_cpu_and_bf16_step_is_close():
 # ------------------------------------------------------------------------------- Ray-free
 
 
-def test_the_learner_core_imports_nothing_from_ray():
-    code = ("import sys; import rllib_ext.algorithms.vcpo.torch.step, rllib_ext.llm.log_probs; "
-            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
-    subprocess.run([sys.executable, "-c", code], check=True)
+@pytest.mark.parametrize("module", ["rllib_ext.algorithms.vcpo.torch.step",
+                                    "rllib_ext.llm.log_probs", "vcpo_learner_scale"])
+def test_the_learner_core_and_its_bench_import_nothing_from_ray_or_vllm(module):
+    code = (f"import sys; sys.path.insert(0, 'bench'); import {module}; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

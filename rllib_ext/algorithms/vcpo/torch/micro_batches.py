@@ -65,14 +65,16 @@ def _pack(units: list[tuple[int, ...]], lengths: list[int], budget: float, route
           ) -> list[MicroBatch]:
     """Consecutive units (rows or groups) into micro-batches within the budget (at least one
     unit each)."""
-    out, current = [], []
+    out, current, longest = [], [], 0
     for unit in units:
-        if current and _tokens([*current, *unit], lengths) > budget:
-            out.append(MicroBatch(tuple(current), route, _tokens(current, lengths)))
-            current = []
+        unit_longest = max(lengths[i] for i in unit)
+        if current and (len(current) + len(unit)) * max(longest, unit_longest) > budget:
+            out.append(MicroBatch(tuple(current), route, len(current) * longest))
+            current, longest = [], 0
         current.extend(unit)
+        longest = max(longest, unit_longest)
     if current:
-        out.append(MicroBatch(tuple(current), route, _tokens(current, lengths)))
+        out.append(MicroBatch(tuple(current), route, len(current) * longest))
     return out
 
 

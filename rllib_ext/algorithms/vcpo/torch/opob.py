@@ -135,7 +135,7 @@ def opob_classes(rewards: torch.Tensor, group_ids: torch.Tensor, weights: torch.
     keys: dict[tuple[int, float], int] = {}
     index = [keys.setdefault((g, r), len(keys)) if s > eps else -1 for g, r, s in
              zip(group_ids.tolist(), rewards.tolist(), sigma.tolist(), strict=True)]
-    return RowClasses(weights, torch.tensor(index, device=weights.device), len(keys))
+    return RowClasses.of(weights, index)
 
 
 def loop_accumulate(model: nn.Module, forward_fn: ForwardFn, batch: Any, rewards: torch.Tensor,

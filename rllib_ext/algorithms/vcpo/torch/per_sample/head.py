@@ -57,6 +57,14 @@ class RowClasses:
     scale: torch.Tensor  # [B]
     index: torch.Tensor  # [B] int64, -1 = no contribution
     count: int
+    host_index: tuple[int, ...]  # the same on the host (the head's backward reads no device
+    # values: on a GPU that would stall it)
+
+    @classmethod
+    def of(cls, scale: torch.Tensor, index: list[int]) -> RowClasses:
+        """Classes ``0..max(index)`` (``-1``: no contribution) of rows scaled by ``scale``."""
+        return cls(scale, torch.tensor(index, device=scale.device), max(index, default=-1) + 1,
+                   tuple(index))
 
     def coefficients(self, values: torch.Tensor) -> torch.Tensor:
         values = torch.cat([values.to(self.scale.dtype), values.new_zeros(1).to(self.scale.dtype)])
@@ -165,7 +173,7 @@ class HeadRecorder:
             count = self.classes.count
             self.class_sums = self.workspace.buffer("head:classes", count * size, like)[
                 :count * size].view(count, *shape).zero_()
-            self._class_of = self.classes.index.tolist()
+            self._class_of = list(self.classes.host_index)
 
     def _gram_is_cheaper(self, length: int, vocab: int, width: int) -> bool:
         """Per row: Gram norms (plus, with class sums, the class matmul) vs building ``G_b``
@@ -203,6 +211,8 @@ class HeadRecorder:
 
     def _ghost_padded(self, rows: list[tuple[int, int, int]], grad_logits: torch.Tensor,
                       hidden: torch.Tensor) -> None:
+        if self.class_sums is not None:  # rows of one class next to each other
+            rows = sorted(rows, key=lambda row: self._class_of[row[0]])
         longest = max(b - a for _, a, b in rows)
         device = hidden.device
         first = torch.tensor([a for _, a, _ in rows], device=device)
@@ -221,17 +231,15 @@ class HeadRecorder:
             self.embedding_rows.index_copy_(0, row_index, bmm_f32(at_ids.transpose(1, 2), h))
         if self.class_sums is None:
             return
-        members: dict[int, list[tuple[int, int, int]]] = {}
-        for r, a, b in rows:
-            if self._class_of[r] >= 0:
-                members.setdefault(self._class_of[r], []).append((r, a, b))
-        for k, ranges in members.items():  # each token goes to one class: one matmul in all
-            tokens = torch.cat([torch.arange(a, b, device=device) for _, a, b in ranges])
-            scale = torch.repeat_interleave(
-                self.classes.scale[torch.tensor([r for r, _, _ in ranges], device=device)],
-                torch.tensor([b - a for _, a, b in ranges], device=device))
-            scaled = hidden[tokens] * scale[:, None].to(hidden.dtype)
-            addmm_f32_(self.class_sums[k], grad_logits[tokens].T, scaled, first=False)
+        scaled = h * self.classes.scale[row_index][:, None, None].to(h.dtype)
+        classes = [self._class_of[r] for r, _, _ in rows]
+        start = 0
+        for k, members in itertools.groupby(classes):  # each token goes to one class
+            count = len(list(members))
+            if k >= 0:  # (the padding rows are zero: they add nothing)
+                addmm_f32_(self.class_sums[k], gl[start:start + count].reshape(-1, gl.shape[2]).T,
+                           scaled[start:start + count].reshape(-1, h.shape[2]), first=False)
+            start += count
 
     def _build(self, row: int, grad_logits: torch.Tensor, hidden: torch.Tensor,
                last: bool) -> None:
