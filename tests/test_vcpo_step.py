@@ -28,15 +28,7 @@ from rllib_ext.llm.log_probs import chunk_bounds, pack_prompt_response, response
 from rllib_ext.utils.tensor_memory import PeakTensorMemory
 
 VOCAB, GROUP = 48, 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one thread (two threads on a loaded 2-core machine spin against each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def llama(tie: bool = False, vocab: int = VOCAB, hidden: int = 32, seed: int = 0):
@@ -174,14 +166,14 @@ def test_head_memory_grows_with_the_chunk_not_with_the_batch():
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize(("chunk", "row_by_row"), [(3, 64), (100, 64), (100, 1)],
+@pytest.mark.parametrize(("chunk", "padded_bytes"), [(3, 1 << 20), (100, 1 << 20), (100, 0)],
                          ids=["rows_split", "whole_rows_padded", "whole_rows_one_by_one"])
-def test_chunked_head_per_sample_norms_and_gradient(tie, chunk, row_by_row, monkeypatch):
+def test_chunked_head_per_sample_norms_and_gradient(tie, chunk, padded_bytes, monkeypatch):
     """The head's per-sample pieces from its own backward: Gram norms for short rows (padded
     to a batch, or row by row), rows built in a [V, d] buffer when that is cheaper or split
     over chunks; with a tied embedding the cross term; per-class sums. Norms against the
     per-row loop, gradients against autograd."""
-    monkeypatch.setattr(head_module, "ROW_BY_ROW_TOKENS", row_by_row)
+    monkeypatch.setattr(head_module, "PADDED_COPY_BYTES", padded_bytes)
     model = llama(tie, hidden=8)
     lm = ragged_batch(2, seed=4, max_response=14)
     mask = lm["response_mask"]

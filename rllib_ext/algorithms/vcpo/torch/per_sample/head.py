@@ -101,9 +101,10 @@ class HeadPiece:
         return head_weight_grad(self.head, upstream)[0]
 
 
-# Rows at least this long get their Gram matrices and class sums row by row, on views (no
-# padded copy of the chunk's [c, V] output gradient).
-ROW_BY_ROW_TOKENS = 64
+# Short rows are padded to one batch for their Gram matrices unless that copy of their output
+# gradients would exceed this; then they go row by row, on views (a large copy costs a memory
+# pass and, beyond glibc's mmap threshold, fresh pages every step).
+PADDED_COPY_BYTES = 4 << 20
 
 
 class HeadRecorder:
@@ -124,6 +125,7 @@ class HeadRecorder:
         self.embedding_rows: torch.Tensor | None = None
         self.class_sums: torch.Tensor | None = None
         self._class_of: list[int] = []
+        self._written: set[int] = set()  # classes of class_sums holding a value
         self._open: int | None = None  # the row being built (over one or several chunks)
         self._starts: list[int] = []
 
@@ -152,6 +154,9 @@ class HeadRecorder:
         if self.sq_norms is None:  # no response token at all
             self.sq_norms = torch.zeros(self.batch, dtype=torch.float32,
                                         device=head.hidden.device)
+        if self.class_sums is not None:
+            for k in set(range(len(self.class_sums))) - self._written:  # no token reached it
+                self.class_sums[k].zero_()
         return HeadPiece(self.sq_norms, self.embedding_rows, self.class_sums, head, upstream)
 
     # -- internals -----------------------------------------------------------------------------
@@ -172,7 +177,7 @@ class HeadRecorder:
         if self.classes is not None and self.classes.count * size * 4 <= self.class_bytes:
             count = self.classes.count
             self.class_sums = self.workspace.buffer("head:classes", count * size, like)[
-                :count * size].view(count, *shape).zero_()
+                :count * size].view(count, *shape)  # each class written first, then added to
             self._class_of = list(self.classes.host_index)
 
     def _gram_is_cheaper(self, length: int, vocab: int, width: int) -> bool:
@@ -191,9 +196,11 @@ class HeadRecorder:
 
     def _ghost(self, rows: list[tuple[int, int, int]], grad_logits: torch.Tensor,
                hidden: torch.Tensor) -> None:
-        """Norms (embedding rows, class sums) of whole short rows of one chunk: row by row on
-        views when rows are long enough to make good matmuls, else padded to one batch."""
-        if min(b - a for _, a, b in rows) >= ROW_BY_ROW_TOKENS:
+        """Norms (embedding rows, class sums) of whole short rows of one chunk: padded to one
+        batch when that copy is small, else row by row on views."""
+        longest = max(b - a for _, a, b in rows)
+        if len(rows) * longest * grad_logits.shape[1] * grad_logits.element_size() > \
+                PADDED_COPY_BYTES:
             for r, a, b in rows:
                 self._ghost_row(r, grad_logits[a:b], hidden[a:b])
         else:
@@ -207,7 +214,7 @@ class HeadRecorder:
             self.embedding_rows[row] = bmm_f32(at_ids.T, hidden)
         if self.class_sums is not None and self._class_of[row] >= 0:
             scaled = hidden * self.classes.scale[row].to(hidden.dtype)  # (d << V: scale h)
-            addmm_f32_(self.class_sums[self._class_of[row]], grad_logits.T, scaled, first=False)
+            self._add_to_class(self._class_of[row], grad_logits.T, scaled)
 
     def _ghost_padded(self, rows: list[tuple[int, int, int]], grad_logits: torch.Tensor,
                       hidden: torch.Tensor) -> None:
@@ -215,15 +222,15 @@ class HeadRecorder:
             rows = sorted(rows, key=lambda row: self._class_of[row[0]])
         longest = max(b - a for _, a, b in rows)
         device = hidden.device
-        first = torch.tensor([a for _, a, _ in rows], device=device)
-        length = torch.tensor([b - a for _, a, b in rows], device=device)
+        first = _device_ints([a for _, a, _ in rows], device)
+        length = _device_ints([b - a for _, a, b in rows], device)
         offset = torch.arange(longest, device=device)
         valid = offset[None, :] < length[:, None]
         index = torch.where(valid, first[:, None] + offset[None, :], 0)
         gl = grad_logits[index] * valid[..., None].to(grad_logits.dtype)  # [k, l, V]
         h = hidden[index] * valid[..., None].to(hidden.dtype)  # [k, l, d]
         norms = (bmm_f32(gl, gl.transpose(1, 2)) * bmm_f32(h, h.transpose(1, 2))).sum((1, 2))
-        row_index = torch.tensor([r for r, _, _ in rows], device=device)
+        row_index = _device_ints([r for r, _, _ in rows], device)
         self.sq_norms.index_copy_(0, row_index, norms)
         if self.token_ids is not None:
             ids = self.token_ids[row_index]  # [k, L]
@@ -237,9 +244,14 @@ class HeadRecorder:
         for k, members in itertools.groupby(classes):  # each token goes to one class
             count = len(list(members))
             if k >= 0:  # (the padding rows are zero: they add nothing)
-                addmm_f32_(self.class_sums[k], gl[start:start + count].reshape(-1, gl.shape[2]).T,
-                           scaled[start:start + count].reshape(-1, h.shape[2]), first=False)
+                self._add_to_class(k, gl[start:start + count].reshape(-1, gl.shape[2]).T,
+                                   scaled[start:start + count].reshape(-1, h.shape[2]))
             start += count
+
+    def _add_to_class(self, k: int, left: torch.Tensor, right: torch.Tensor) -> None:
+        """``class_sums[k] += left @ right`` (the first write overwrites: no zeroing pass)."""
+        addmm_f32_(self.class_sums[k], left, right, first=k not in self._written)
+        self._written.add(k)
 
     def _build(self, row: int, grad_logits: torch.Tensor, hidden: torch.Tensor,
                last: bool) -> None:
@@ -254,6 +266,20 @@ class HeadRecorder:
         self.sq_norms[row] = torch.linalg.vector_norm(gradient).square()
         if self.token_ids is not None:
             self.embedding_rows[row] = gradient[self.token_ids[row]]
-        if self.class_sums is not None and self._class_of[row] >= 0:
-            self.class_sums[self._class_of[row]].addcmul_(gradient, self.classes.scale[row])
+        k = self._class_of[row] if self.class_sums is not None else -1
+        if k >= 0:
+            if k in self._written:
+                self.class_sums[k].addcmul_(gradient, self.classes.scale[row])
+            else:
+                torch.mul(gradient, self.classes.scale[row], out=self.class_sums[k])
+                self._written.add(k)
         self._open = None
+
+
+def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints on ``device`` without waiting for the device (a copy from pageable memory
+    would wait for the stream's earlier work)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
