@@ -18,7 +18,8 @@ Variants, all on the same batches (whole groups of 8 responses):
 Each variant runs at each micro-batch budget of the case (``learner_micro_batch_tokens``);
 the table reports every budget whose peak memory fits ``--memory-budget-gib``, and the
 headline ratio compares each variant at its own fastest such budget with GRPO at its own.
-Rounds take turns (order reversed every other round); times are medians.
+Rounds take turns (order reversed every other round); times are medians, ratios the median
+over rounds of the ratio within a round (the shared machine's speed drifts between rounds).
 
 * ``--device cpu`` (default): a ~30M-parameter Llama with a 32k vocabulary (tied embeddings,
   like the small Qwen2 models), short and long rows, one thread, CPU time of the process; peak
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -230,6 +232,8 @@ def measure(case: Case, device: torch.device, rounds: int, memory_budget: int) -
     for round_ in range(rounds):
         for key in order[::-1] if round_ % 2 else order:
             result["runs"][key]["seconds"].append(runner.timed(configurations[key], batch))
+    per_round = {key: run["seconds"] for key, run in result["runs"].items()
+                 if isinstance(run["seconds"], list)}
     for run in result["runs"].values():
         if isinstance(run["seconds"], list):
             run["seconds"] = statistics.median(run["seconds"]) if run["seconds"] else math.nan
@@ -241,9 +245,11 @@ def measure(case: Case, device: torch.device, rounds: int, memory_budget: int) -
             budget = min(fitting, key=fitting.get)
             best[variant] = (budget, fitting[budget])
     result["best"] = best
-    for variant, (_, seconds) in best.items():
-        if "GRPO" in best:
-            result[f"{variant} ratio"] = seconds / best["GRPO"][1]
+    if "GRPO" in best:  # median over rounds of the ratio within the round (robust to drift)
+        grpo = per_round["GRPO", best["GRPO"][0]]
+        for variant, (budget, _) in best.items():
+            result[f"{variant} ratio"] = statistics.median(
+                t / g for t, g in zip(per_round[variant, budget], grpo, strict=True))
     print({k: v for k, v in result.items() if k != "runs"}, flush=True)
     del model, runner, configurations
     if device.type == "cuda":
@@ -276,9 +282,9 @@ def ess_at_k0(device: torch.device, quick: bool) -> list[dict]:
     if (tiny_model_dir() / "config.json").exists():  # the embedded model, when built here
         models["tiny (trained, 0.45M)"] = LlamaForCausalLM.from_pretrained(
             tiny_model_dir(), dtype=torch.float32).to(device)
-    rows, length = (16, 32) if quick else (64, 128)
+    rows, lengths = (16, (32,)) if quick else (64, (32, 128))
     out = []
-    for name, model in models.items():
+    for (name, model), length in itertools.product(models.items(), lengths):
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, model.config.vocab_size, (rows, 8), generator=g)
         with torch.no_grad():
@@ -339,16 +345,19 @@ def write(rows: list[dict], ess: list[dict], recipe: dict, args) -> None:
                 f"{row[f'{variant} ratio']:.2f}x" if row["best"].get(variant, (0,))[0] == budget
                 and f"{variant} ratio" in row else ""])
     for entry in ess:
-        flat[f"ess_k0_{entry['model'].split()[0]}_{entry['behaviour']}_vs_{entry['learner']}"
-             .replace(" ", "_")] = round(entry["ess_ratio"], 4)
+        flat[f"ess_k0_{entry['model'].split()[0]}_{entry['tokens']}_tokens_{entry['behaviour']}"
+             f"_vs_{entry['learner']}".replace(" ", "_")] = round(entry["ess_ratio"], 4)
     flat.update(recipe)
     memory = "peak allocated GPU memory (weights, AdamW, activations)" if args.device == "cuda" \
         else "peak memory of the step's tensors (activations, gradients, per-sample buffers; " \
              "weights and AdamW state excluded)"
+    clock = "wall time (CUDA synchronised)" if args.device == "cuda" else \
+        "CPU time of the process, 1 thread"
     table = markdown_table(["case", "variant", "micro-batch tokens", "step s (median)",
                             "peak GiB", "vs GRPO (each at its fastest budget)"], table_rows)
     notes = [f"Whole learner step (VCPOStep + grad clip + AdamW), {args.rounds} interleaved "
-             f"rounds after a warm-up; {'wall time (CUDA synchronised)' if args.device == 'cuda' else 'CPU time of the process, 1 thread'}; "  # noqa: E501
+             f"rounds after a warm-up; {clock}; ratio = median over rounds of the ratio within the "
+             "round; "
              f"memory: {memory}.",
              "Random-init models, random tokens, binary rewards, groups of 8, behaviour "
              "log-probs = the model's own + noise (std 0.02 per token).",
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # as a CPU learner with one CPU (learner_cpus)
         keep_freed_heap(512 << 20)  # as a CPU learner's process (learner_heap_keep_mb)
-    args.rounds = 2 if args.quick else 5
+    args.rounds = 2 if args.quick else 7
     cases = SMOKE if args.cases == "smoke" else (
         (GPU_QUICK if args.quick else GPU_CASES) if device.type == "cuda"
         else (CPU_QUICK if args.quick else CPU_CASES))
