@@ -12,7 +12,8 @@ def _cuda_has_out_dtype() -> bool:
     """Whether this build's CUDA matmuls accept ``out_dtype=torch.float32`` for bf16 inputs."""
     try:
         a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device="cuda")
-        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        return (torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+                and torch.mm(a[0], a[0], out_dtype=torch.float32).dtype == torch.float32)
     except (TypeError, RuntimeError):
         return False
 
