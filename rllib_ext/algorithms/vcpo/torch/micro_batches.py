@@ -78,16 +78,20 @@ def _pack(units: list[tuple[int, ...]], lengths: list[int], budget: float, route
     return out
 
 
-def default_micro_batch_tokens(model_config, device: torch.device, dtype: torch.dtype) -> int:
-    """The device's default token budget: 16384 on a CPU; on a GPU, half its free memory over
-    an estimate of the activation bytes per token (twice a Llama-style layer's saved
-    activations, ``(16 hidden + 6 intermediate)`` elements per layer, for the one-shot route's
-    kept output gradients). An estimate: set ``learner_micro_batch_tokens`` to override."""
+def default_micro_batch_tokens(model, device: torch.device, dtype: torch.dtype) -> int:
+    """The device's default token budget: 16384 on a CPU; on a GPU, half of the memory left
+    once the float32 gradients and AdamW's two states exist (three times the parameters'
+    bytes, taken off the free memory now), over an estimate of the activation bytes per token
+    (twice a Llama-style layer's saved activations, ``(16 hidden + 6 intermediate)`` elements
+    per layer, for the one-shot route's kept output gradients). An estimate: set
+    ``learner_micro_batch_tokens`` to override."""
     if device.type != "cuda":
         return CPU_MICRO_BATCH_TOKENS
     free, _ = torch.cuda.mem_get_info(device)
-    hidden = model_config.hidden_size
-    intermediate = getattr(model_config, "intermediate_size", 4 * hidden)
-    per_token = (2 * model_config.num_hidden_layers * (16 * hidden + 6 * intermediate)
+    free -= 3 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    per_token = (2 * config.num_hidden_layers * (16 * hidden + 6 * intermediate)
                  * torch.finfo(dtype).bits // 8)
-    return max(1, int(free * GPU_MEMORY_SHARE) // per_token)
+    return max(1, int(max(free, 0) * GPU_MEMORY_SHARE) // per_token)

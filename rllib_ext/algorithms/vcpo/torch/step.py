@@ -149,8 +149,10 @@ def applied_weights(settings: VCPOStepSettings, logp: torch.Tensor, behaviour_lo
 class VCPOStep:
     """Computes one VCPO step's gradient into ``model``'s ``.grad`` (see the module docstring).
 
-    ``model``: a Hugging Face causal LM with float32 (master) weights; ``device``: where it
-    lives. ``compute_gradients(batch)`` returns the step's :class:`StepOutcome`.
+    ``model``: a Hugging Face causal LM with float32 (master) weights, on the device the step
+    runs on; ``collective``: the learners to all-reduce with (default: ``torch.distributed``'s
+    world, if initialised). ``compute_gradients(batch)`` returns the step's
+    :class:`StepOutcome`.
     """
 
     def __init__(self, model: nn.Module, settings: VCPOStepSettings,
@@ -160,8 +162,7 @@ class VCPOStep:
         self.device = next(model.parameters()).device
         self.dtype = resolve_dtype(settings.dtype, self.device)
         tokens = settings.micro_batch_tokens
-        self.micro_batch_tokens = default_micro_batch_tokens(model.config, self.device,
-                                                             self.dtype) \
+        self.micro_batch_tokens = default_micro_batch_tokens(model, self.device, self.dtype) \
             if tokens == "auto" else tokens
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.opob_route = self._opob_route()
