@@ -1,18 +1,13 @@
-"""Buffers reused across steps, and what the layers of one backward / one weighted sum share."""
+"""Buffers reused across steps, and what the layers of one backward share."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from rllib_ext.algorithms.vcpo.torch.per_sample.precision import bmm_f32
-
-if TYPE_CHECKING:
-    from rllib_ext.algorithms.vcpo.torch.per_sample.factored import Factored
 
 
 def tensor_key(x: torch.Tensor) -> tuple:
@@ -102,41 +97,3 @@ def scaled(x: torch.Tensor, per_row: torch.Tensor, in_place: bool) -> torch.Tens
     """``c_k x_k`` in ``x``'s dtype (no upcast of activations); in place when allowed."""
     per_row = per_row.to(x.dtype)
     return x.mul_(per_row) if in_place else x * per_row
-
-
-class WeightedSumCache:
-    """What the weighted sums of one ``accumulate_grads`` share: per-row coefficients, and
-    for each layer input the choice to scale it (once, for every layer reading it: q/k/v,
-    gate/up) or to scale each reader's output gradient instead, whichever moves fewer
-    elements."""
-
-    def __init__(self, pieces: list[Factored]) -> None:
-        self._all_rows: dict[tuple, torch.Tensor] = {}
-        self._coefficients: dict[tuple, torch.Tensor] = {}
-        self._scaled_inputs: dict[tuple, torch.Tensor] = {}
-        self._reader_rows: dict[tuple, int] = collections.Counter()
-        for piece in pieces:
-            if not piece.indexed:
-                self._reader_rows[tensor_key(piece.flat(self)[1])] += piece.rows
-
-    def all_rows(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
-        if (batch, length) not in self._all_rows:
-            self._all_rows[batch, length] = torch.arange(batch, device=device
-                                                         ).repeat_interleave(length)
-        return self._all_rows[batch, length]
-
-    def row_coefficients(self, sample: torch.Tensor, coefficients: torch.Tensor
-                         ) -> torch.Tensor:
-        key = (id(sample), coefficients.dtype)
-        if key not in self._coefficients:
-            self._coefficients[key] = coefficients[sample.to(coefficients.device)][:, None]
-        return self._coefficients[key]
-
-    def scales_input(self, x: torch.Tensor) -> bool:
-        return x.shape[-1] < self._reader_rows[tensor_key(x)]
-
-    def scaled_input(self, x: torch.Tensor, per_row: torch.Tensor, owned: bool) -> torch.Tensor:
-        key = tensor_key(x)
-        if key not in self._scaled_inputs:
-            self._scaled_inputs[key] = scaled(x, per_row, owned)
-        return self._scaled_inputs[key]

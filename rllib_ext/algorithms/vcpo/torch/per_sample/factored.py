@@ -9,16 +9,13 @@ their dtype; Gram matrices and norms are accumulated in float32 (``precision.bmm
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 
-from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import scaled
+from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import Workspace, scaled, tensor_key
 from rllib_ext.algorithms.vcpo.torch.per_sample.precision import bmm_f32
-
-if TYPE_CHECKING:
-    from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import WeightedSumCache, Workspace
 
 # Elements of one [chunk, L, L] Gram block in a ghost norm (bounds its temporary memory).
 GRAM_CHUNK_ELEMENTS = 1 << 26
@@ -196,3 +193,41 @@ def ghost_inner(a: Factored, b: Factored) -> torch.Tensor:
         right = bmm_f32(part_a.right, part_b.right.transpose(1, 2))
         out.append((left_gram(part_a, part_b) * right).sum(dim=(1, 2), dtype=torch.float32))
     return torch.cat(out)
+
+
+class WeightedSumCache:
+    """What the weighted sums of one ``accumulate_grads`` share: per-row coefficients, and
+    for each layer input the choice to scale it (once, for every layer reading it: q/k/v,
+    gate/up) or to scale each reader's output gradient instead, whichever moves fewer
+    elements."""
+
+    def __init__(self, pieces: list[Factored]) -> None:
+        self._all_rows: dict[tuple, torch.Tensor] = {}
+        self._coefficients: dict[tuple, torch.Tensor] = {}
+        self._scaled_inputs: dict[tuple, torch.Tensor] = {}
+        self._reader_rows: dict[tuple, int] = collections.Counter()
+        for piece in pieces:
+            if not piece.indexed:
+                self._reader_rows[tensor_key(piece.flat(self)[1])] += piece.rows
+
+    def all_rows(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        if (batch, length) not in self._all_rows:
+            self._all_rows[batch, length] = torch.arange(batch, device=device
+                                                         ).repeat_interleave(length)
+        return self._all_rows[batch, length]
+
+    def row_coefficients(self, sample: torch.Tensor, coefficients: torch.Tensor
+                         ) -> torch.Tensor:
+        key = (id(sample), coefficients.dtype)
+        if key not in self._coefficients:
+            self._coefficients[key] = coefficients[sample.to(coefficients.device)][:, None]
+        return self._coefficients[key]
+
+    def scales_input(self, x: torch.Tensor) -> bool:
+        return x.shape[-1] < self._reader_rows[tensor_key(x)]
+
+    def scaled_input(self, x: torch.Tensor, per_row: torch.Tensor, owned: bool) -> torch.Tensor:
+        key = tensor_key(x)
+        if key not in self._scaled_inputs:
+            self._scaled_inputs[key] = scaled(x, per_row, owned)
+        return self._scaled_inputs[key]

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import (
-    WeightedSumCache,
-    Workspace,
-    tensor_key,
-)
+from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import Workspace, tensor_key
 from rllib_ext.algorithms.vcpo.torch.per_sample.device_costs import memory_cost
-from rllib_ext.algorithms.vcpo.torch.per_sample.factored import Factored, PieceShape, active_length
+from rllib_ext.algorithms.vcpo.torch.per_sample.factored import (
+    Factored,
+    PieceShape,
+    WeightedSumCache,
+    active_length,
+)
 from rllib_ext.algorithms.vcpo.torch.per_sample.head import HeadRecorder, RowClasses
 from rllib_ext.algorithms.vcpo.torch.per_sample.modules import (
     Call,

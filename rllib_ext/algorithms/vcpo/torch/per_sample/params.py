@@ -9,10 +9,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import WeightedSumCache, Workspace
+from rllib_ext.algorithms.vcpo.torch.per_sample.buffers import Workspace
 from rllib_ext.algorithms.vcpo.torch.per_sample.factored import (
     Factored,
     PieceShape,
+    WeightedSumCache,
     ghost_inner,
     ghost_sq_norms,
 )
