@@ -4,10 +4,12 @@ For each model/batch size, one optimiser step's gradient is computed by:
 
 * ``plain``: GRPO's forward + ``loss.backward()`` (no per-trajectory norms) - the reference cost;
 * ``auto`` / ``materialize`` / ``chunked`` / ``ghost``: ``PerSampleGradients`` (one forward,
-  one input-gradient backward, per-sample weight gradients from hooks, then the weighted
-  gradient), by the route each name forces (``auto``: the default per-parameter choice);
+  one input-gradient backward, per-sample weight gradients from hooks and from the chunked
+  LM head's backward, then the weighted gradient with OPOB's coefficient form: a weight per
+  trajectory times a value per (group, reward) class), by the route each name forces for the
+  hooked layers (``auto``: the default per-parameter choice);
 * ``loop``: the reference's exact route, one forward + backward per trajectory
-  (``loop_accumulate``, two accumulators per group).
+  (``opob.loop_accumulate``, two accumulators per group).
 
 Times are CPU time of this process (``time.process_time``), not wall time: on a machine shared
 with other jobs, wall time mostly measures how long the process waited for a core. Methods run
@@ -33,11 +35,9 @@ from common import RESULTS, markdown_table, write_results
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rllib_ext.algorithms.vcpo import losses
-from rllib_ext.algorithms.vcpo.torch.per_sample_grads import (
-    PerSampleGradients,
-    loop_accumulate,
-)
-from rllib_ext.llm.causal_lm_module import pack_prompt_response, response_log_probs
+from rllib_ext.algorithms.vcpo.torch.opob import fixed_terms, loop_accumulate, opob_classes
+from rllib_ext.algorithms.vcpo.torch.per_sample import PerSampleGradients
+from rllib_ext.llm.log_probs import pack_prompt_response, response_log_probs
 from rllib_ext.llm.tiny import TinyModelSpec
 from rllib_ext.utils.heap import keep_freed_heap
 
@@ -114,17 +114,23 @@ def run_case(case: Case, rounds: int, loop_rounds: int) -> dict:
         logp = response_log_probs(model, batch)
         losses.policy_gradient_loss(logp, mask, coefficients, normalizer).backward()
 
+    classes = opob_classes(rewards, groups, weights, eps=1e-6)  # as OPOB's one-shot route
+    class_values = torch.randn(classes.count) / normalizer
+
     def per_sample(name):
         def step():
             model.zero_grad(set_to_none=True)
-            _, norms[name] = routes[name].forward_backward(response_log_probs, batch, mask)
-            routes[name].accumulate_grads(-coefficients / normalizer)
+            psg = routes[name]
+            with psg.capture():
+                logp = response_log_probs(model, batch, head_observer=psg)
+            norms[name] = psg.backward(logp, mask, classes)
+            psg.accumulate_grads(class_values=class_values)
         return step
 
     def loop():
         model.zero_grad(set_to_none=True)
-        norms["loop"] = loop_accumulate(model, response_log_probs, batch, mask, rewards, weights,
-                                        groups, normalizer).grad_sq_norms
+        norms["loop"] = loop_accumulate(model, response_log_probs, batch, rewards, groups,
+                                        fixed_terms(mask, weights), normalizer).grad_sq_norms
 
     methods = {"plain": plain, **{name: per_sample(name) for name in ROUTES}, "loop": loop}
     times: dict[str, list[float]] = {name: [] for name in methods}

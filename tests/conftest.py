@@ -40,3 +40,15 @@ def tiny_model_path() -> str:
     from rllib_ext.llm.tiny import build
 
     return str(build(quiet=True))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small ops: one torch thread (two threads on a loaded 2-core machine spin against each
+    other and cost more than the math)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -136,7 +136,8 @@ def test_opob_ghost_and_loop_routes_take_the_same_exact_step(episodes):
     assert r_ghost[DEFAULT_MODULE_ID]["trajectory_grad_norm_mean"].peek() == pytest.approx(
         r_loop[DEFAULT_MODULE_ID]["trajectory_grad_norm_mean"].peek(), rel=1e-4)
     assert g_ghost.abs().max() > 0
-    assert torch.allclose(g_ghost, g_loop, rtol=1e-4, atol=1e-8)
+    # float32: summation orders differ (absolute tolerance scaled to the gradient's size)
+    assert torch.allclose(g_ghost, g_loop, rtol=1e-4, atol=1e-5 * float(g_loop.abs().max()))
 
 
 def test_opob_gradient_matches_brute_force_per_sample_autograd(episodes):
@@ -202,3 +203,66 @@ def test_rlmodule_forward_matches_response_log_probs(episodes):
         out = module.forward_train(batch)[RESPONSE_LOGP]
         direct = response_log_probs(module.model, batch)
     assert torch.equal(out, direct)
+
+
+def test_two_learners_take_the_same_step_as_one(episodes, ray_session):
+    """Groups stay whole on each learner, gradients and the ESS sums are all-reduced: two
+    learners (gloo) compute the one-learner step on the same batch."""
+    import ray
+
+    from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
+
+    def module_gradients(learner):  # (nested: Ray pickles it by value for the learner actors)
+        """The gradient of the last step, as the optimiser received it (after the all-reduce)."""
+        model = learner.module[DEFAULT_MODULE_ID].model
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    shifted = with_behaviour_shift(episodes, np.linspace(-0.5, 0.5, len(episodes)))
+    one = build()
+    want_stats = one.update(episodes=shifted)[DEFAULT_MODULE_ID]
+    want = module_gradients(one)
+    cfg = config().learners(num_learners=2, num_cpus_per_learner=1)
+    runner = LLMEnvRunner(config=cfg, worker_index=0, num_workers=1)  # spaces only
+    group = cfg.build_learner_group(
+        spaces={DEFAULT_MODULE_ID: runner.get_spaces()[DEFAULT_MODULE_ID]})
+    try:
+        shards = group_shards(shifted, 2)
+        assert {len(s) for s in shards} == {N * PROMPTS // 2}
+        results = group.update(episodes_refs=[ray.put(shard) for shard in shards])
+        gradients = [r.get() for r in group.foreach_learner(module_gradients)]
+        with pytest.raises(ray.exceptions.RayTaskError, match="whole groups on one learner"):
+            group.update(episodes_refs=[ray.put(shifted[::2]), ray.put(shifted[1::2])])
+    finally:
+        group.shutdown()
+    assert want.abs().max() > 0
+    for got in gradients:
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for result in results:
+        stats = result[DEFAULT_MODULE_ID]
+        for key in ("ess_ratio", "ess_lr_scale", "trajectory_grad_norm_mean", "entropy",
+                    "is_truncated_fraction", "total_loss", "staleness_mean"):
+            assert stats[key].peek() == pytest.approx(want_stats[key].peek(), rel=1e-5,
+                                                       abs=1e-9), key
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (dict(learner_dtype="float16"), "learner_dtype must be one of"),
+    (dict(learner_micro_batch_tokens=0), "learner_micro_batch_tokens must be"),
+    (dict(opob_grad_norms="fast"), "opob_grad_norms must be one of"),
+])
+def test_bad_learner_settings_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        config(**setting).validate()
+
+
+def test_each_learner_trains_train_batch_size_per_learner_trajectories():
+    """As everywhere in RLlib, the batch size is per learner: 2 learners train twice the
+    trajectories per step (each its own whole groups), one learner the setting itself."""
+    from types import SimpleNamespace
+
+    from rllib_ext.algorithms.vcpo.vcpo import VCPO
+
+    for learners, expected in ((0, 16), (1, 16), (2, 32)):
+        cfg = config(train_batch_size_per_learner=16).learners(num_learners=learners)
+        controller = VCPO._new_staleness_controller(SimpleNamespace(config=cfg))
+        assert controller.train_batch_size == expected

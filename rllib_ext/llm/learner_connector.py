@@ -3,7 +3,7 @@
 Output columns per module (numpy, one row per trajectory, rows ordered as the episodes come,
 i.e. group by group — minibatches of whole groups stay contiguous):
 
-    input_ids, attention_mask, response_index, response_mask   (see causal_lm_module)
+    input_ids, attention_mask, response_index, response_mask   (see llm.log_probs)
     behaviour_logp  [B, R]   the engine's per-token log-probs (0 on padding)
     rewards         [B]      group_id [B]      weights_seq_no [B] (policy version of the sample)
 """
@@ -18,8 +18,8 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from rllib_ext.llm.causal_lm_module import pack_prompt_response
 from rllib_ext.llm.columns import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
+from rllib_ext.llm.log_probs import pack_prompt_response
 
 
 def episodes_to_lm_batch(episodes: list, pad_id: int = 0) -> dict[str, np.ndarray]:

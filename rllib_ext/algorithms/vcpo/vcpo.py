@@ -32,6 +32,8 @@ from ray.rllib.utils.metrics import (
 
 from rllib_ext import registry
 from rllib_ext.algorithms.vcpo.staleness import StalenessController
+from rllib_ext.algorithms.vcpo.torch.step import BASELINES, CORRECTIONS, OPOB_ROUTES
+from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
 from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
 from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
@@ -40,10 +42,8 @@ from rllib_ext.llm.weight_sync import bucket_bytes_from_mb, put_weight_buckets
 from rllib_ext.utils.heap import MAX_KEEP_BYTES
 from rllib_ext.utils.operation_watch import OperationWatch
 
-CORRECTIONS = ("seq_tis", "none", "token_tis", "masked_is", "geo_mask")
-BASELINES = ("opob", "grpo")
-OPOB_ROUTES = ("ghost", "loop")
 ESS_RULES = ("sqrt", "linear", "none")
+LEARNER_DTYPES = ("auto", "bfloat16", "float32")
 
 # Algorithm-level metrics (top level of the result dict) and checkpoint state.
 VCPO_RESULTS = "vcpo"
@@ -83,7 +83,9 @@ class VCPOConfig(LLMRolloutConfig):
         self.ess_reference_ratio = 1.0
         self.ess_lr_floor = 0.0
         self.baseline = "opob"
-        self.opob_grad_norms = "ghost"
+        self.opob_grad_norms = "auto"
+        self.learner_micro_batch_tokens = "auto"
+        self.learner_dtype = "auto"
         self.updates_per_iteration = 1
         self.accuracy_eval_interval = 0
         self.sample_timeout_s = 600.0
@@ -110,7 +112,8 @@ class VCPOConfig(LLMRolloutConfig):
                  baseline=NotProvided, opob_grad_norms=NotProvided, weight_decay=NotProvided,
                  updates_per_iteration=NotProvided, accuracy_eval_interval=NotProvided,
                  sample_timeout_s=NotProvided, weight_sync_timeout_s=NotProvided,
-                 learner_heap_keep_mb=NotProvided, **kwargs) -> VCPOConfig:
+                 learner_heap_keep_mb=NotProvided, learner_micro_batch_tokens=NotProvided,
+                 learner_dtype=NotProvided, **kwargs) -> VCPOConfig:
         """VCPO settings (plus all of ``AlgorithmConfig.training``).
 
         Args:
@@ -123,8 +126,16 @@ class VCPOConfig(LLMRolloutConfig):
                 (1.0 for math, 0.55 for multi-turn in the paper); ess_lr_floor a lower bound
                 on the multiplier.
             baseline: "opob" (off-policy optimal baseline, default) or "grpo".
-            opob_grad_norms: "ghost" (one forward + backward with activation capture, default)
-                or "loop" (one backward per trajectory, the reference's route).
+            opob_grad_norms: how OPOB gets its exact per-trajectory gradient norms: "auto"
+                (default: "ghost" for micro-batches of whole groups, "loop" for a group that
+                does not fit learner_micro_batch_tokens and with gradient checkpointing),
+                "ghost" (one forward + backward with activation capture per micro-batch) or
+                "loop" (one forward + backward per trajectory, the reference's route).
+            learner_micro_batch_tokens: padded tokens (rows x longest row) per micro-batch of
+                the learner step; the step's gradient is exact for any value. "auto" (default):
+                16384 on a CPU, on a GPU sized from its free memory; None: the whole batch.
+            learner_dtype: "auto" (default: "bfloat16" on a GPU, "float32" on a CPU),
+                "bfloat16" (autocast with float32 master weights) or "float32".
             weight_decay: AdamW weight decay (default 0.1).
             updates_per_iteration: learner updates per RLlib iteration (progress line).
             accuracy_eval_interval: evaluate held-out accuracy every N iterations (0 = never).
@@ -196,7 +207,17 @@ class VCPOConfig(LLMRolloutConfig):
         if self.baseline == "opob" and self.opob_grad_norms == "ghost" \
                 and self.model_config.get("gradient_checkpointing"):
             self._value_error("opob_grad_norms='ghost' cannot run with gradient checkpointing. "
-                              "Fix: use opob_grad_norms='loop' or disable checkpointing.")
+                              "Fix: use opob_grad_norms='auto' or 'loop' (the loop route runs "
+                              "under checkpointing), or disable checkpointing.")
+        tokens = self.learner_micro_batch_tokens
+        if not (tokens in ("auto", None) or (isinstance(tokens, int)
+                                             and not isinstance(tokens, bool) and tokens > 0)):
+            self._value_error(f"learner_micro_batch_tokens must be 'auto', None (no limit) or "
+                              f"an integer > 0, got {tokens!r}.")
+        if self.learner_dtype not in LEARNER_DTYPES:
+            self._value_error(f"learner_dtype must be one of {LEARNER_DTYPES}, got "
+                              f"{self.learner_dtype!r}.")
+
 
 
 def _evaluate_with(runner, weights) -> dict:
@@ -246,7 +267,8 @@ class VCPO(Algorithm):
 
     def _new_staleness_controller(self, learner_version: int = 0) -> StalenessController:
         return StalenessController(
-            self.config.max_staleness, self.config.train_batch_size_per_learner,
+            # As in RLlib: train_batch_size_per_learner trajectories for each learner.
+            self.config.max_staleness, self.config.total_train_batch_size,
             max_requests_per_runner=self.config.max_requests_in_flight_per_env_runner,
             learner_version=learner_version)
 
@@ -300,8 +322,12 @@ class VCPO(Algorithm):
         episodes = [episode for sample in batch for episode in sample.payload]
         self._staleness.trained(batch)
         waited = clock()
+        # Several learners: each gets whole groups (RLlib's own split ignores groups).
+        data = {"episodes": episodes} if self.config.num_learners <= 1 else {
+            "episodes_refs": [ray.put(shard) for shard in
+                              group_shards(episodes, self.config.num_learners)]}
         results = self.learner_group.update(
-            episodes=episodes,
+            **data,
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                 (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)},
             num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,

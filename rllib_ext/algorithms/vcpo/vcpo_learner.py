@@ -1,27 +1,13 @@
-"""Framework-agnostic part of the VCPO learner: its batch pipeline and metric names."""
+"""Framework-agnostic part of the VCPO learner: its batch pipeline and how a train batch is
+shared among several learners (metric names: ``learner_metrics``)."""
 
 from __future__ import annotations
 
 from ray.rllib.connectors.common import NumpyToTensor
 from ray.rllib.core.learner.learner import Learner
 
+from rllib_ext.llm.env_runner import GROUP_ID
 from rllib_ext.llm.learner_connector import LLMEpisodesToBatch
-
-# Learner metrics (per module, reported under learners/<module_id>/...).
-ESS_RATIO = "ess_ratio"  # (sum w)^2 / (B sum w^2) with the unclipped sequence IS weights
-ESS_RATIO_CLIPPED = "ess_ratio_clipped"  # the same with the weights the loss applies
-LR_SCALE = "ess_lr_scale"  # the multiplier of this optimiser step
-EFFECTIVE_LR = "effective_lr"  # base lr x multiplier
-IS_WEIGHT_MEAN = "is_weight_mean"
-IS_WEIGHT_MAX = "is_weight_max"
-K3_KL = "k3_kl_behaviour_policy"  # KL(engine || policy) on the sampled tokens
-GRAD_NORM = "grad_norm"  # global norm before clipping
-TRAJ_GRAD_NORM_MEAN = "trajectory_grad_norm_mean"  # mean ||grad log pi(tau_i)|| (OPOB routes)
-STALENESS_MEAN = "staleness_mean"
-STALENESS_MAX = "staleness_max"
-STALENESS_HISTOGRAM = "staleness"  # the per-trajectory values (a TensorBoard histogram)
-REWARD_MEAN = "reward_mean"
-NUM_SKIPPED_STEPS = "num_skipped_nonfinite_steps"
 
 
 class VCPOLearner(Learner):
@@ -32,3 +18,26 @@ class VCPOLearner(Learner):
         self._learner_connector.append(LLMEpisodesToBatch())
         self._learner_connector.append(NumpyToTensor(as_learner_connector=True,
                                                      device=self._device))
+
+
+def group_shards(episodes: list, num_shards: int) -> list[list]:
+    """The episodes as ``num_shards`` lists of whole groups (in order, contiguous groups per
+    shard, group counts differing by at most one).
+
+    RLlib's ``LearnerGroup.update(episodes=...)`` splits a list by length without knowing
+    groups; VCPO's baselines need each group on one learner. Pass the shards as
+    ``episodes_refs=[ray.put(shard) for shard in shards]`` (one reference per learner)."""
+    groups: dict[int, list] = {}
+    for episode in episodes:
+        groups.setdefault(int(episode.get_extra_model_outputs(GROUP_ID, 0)), []).append(episode)
+    if len(groups) < num_shards:
+        raise ValueError(f"{len(groups)} groups cannot be shared among {num_shards} learners "
+                         "(each needs at least one whole group). Fix: raise "
+                         "train_batch_size_per_learner or lower num_learners.")
+    ordered = list(groups.values())
+    shards, start = [], 0
+    for shard in range(num_shards):
+        count = len(ordered) // num_shards + (shard < len(ordered) % num_shards)
+        shards.append([e for group in ordered[start:start + count] for e in group])
+        start += count
+    return shards
