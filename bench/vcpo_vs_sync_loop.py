@@ -46,8 +46,7 @@ class SyncGRPOLoop:
         self.backend = TransformersBackend(path, seed=0)
         self.model = self.backend.model
         self.env = MathEnv({**config.env_config, "tokenizer": path,
-                            "max_prompt_tokens": config.max_prompt_tokens,
-                            "max_response_tokens": config.max_response_tokens})
+                            "max_prompt_tokens": config.max_prompt_tokens})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
 
@@ -63,16 +62,15 @@ class SyncGRPOLoop:
         from rllib_ext.llm.tiny import PAD_ID
 
         config, sampling = self.config, self.config.sampling_settings()
-        resets = [self.env.reset() for _ in range(config.prompts_per_sample)]
-        prompts = [obs[:info["prompt_length"]].tolist() for obs, info in resets]
+        prompts = self.env.next_prompts(config.prompts_per_sample)
+        sampled_prompts = [p for p in prompts for _ in range(sampling.n)]
         self.model.eval()
-        groups = self.backend.generate(prompts, sampling)
+        groups = self.backend.generate([p.token_ids for p in prompts], sampling)
         completions = [c for group in groups for c in group]
-        texts = [self.env.decode_response(c.token_ids) for c in completions]
-        golds = [info["answer"] for _, info in resets for _ in range(sampling.n)]
-        rewards = torch.tensor([g.reward for g in self.env.grade_many(texts, golds)])
+        texts = [self.env.decode(c.token_ids) for c in completions]
+        rewards = torch.tensor(self.env.score(sampled_prompts, texts).rewards)
         group_ids = torch.arange(len(prompts)).repeat_interleave(sampling.n)
-        batch = pack_prompt_response([p for p in prompts for _ in range(sampling.n)],
+        batch = pack_prompt_response([p.token_ids for p in sampled_prompts],
                                      [c.token_ids for c in completions], PAD_ID,
                                      response_width=config.max_response_tokens)
         self.model.train()

@@ -16,6 +16,7 @@ from envs.math.grading import (
     _exact_number_comparison,
     _math_verify_comparison,
     _parse_whole,
+    _plain_number_outcome,
     extract_answer,
 )
 
@@ -194,6 +195,31 @@ def test_exact_number_path_agrees_with_math_verify():
     assert decided == len(pairs)
     assert _exact_number_comparison("0.3333333", "0.3333334") is None  # rounding: math-verify
     assert _exact_number_comparison("\\frac{1}{2}", "0.5") is None
+
+
+def test_plain_numbers_are_graded_in_the_caller_as_the_child_grades_them():
+    """Plain-number answers skip the child (no process for the arithmetic task) with the
+    child's outcome; anything math-verify must read still goes to the child."""
+    items = [("plain", "19\n", "19"), ("plain", "-4", "4"), ("plain", "  ", "1"),
+             ("plain", "1.50 ", "1.5"), ("gsm8k", "so #### 1,500.", "1500"),
+             ("gsm8k", "#### \n", "3"), ("gsm8k", "#### 12", "13")]
+    needs_child = [("plain", "19 because", "19"), ("plain", "1/2", "0.5"),
+                   ("plain", "0.3333333", "0.3333334"), ("gsm8k", "#### 3/4", "0.75"),
+                   ("gsm8k", "it is 7", "7"), ("boxed", "\\boxed{7}", "7"),
+                   ("auto", "#### 7", "7")]
+    for style, completion, gold in needs_child:
+        assert _plain_number_outcome(completion, gold, style) is None
+    for style, completion, gold in items:
+        outcome = _plain_number_outcome(completion, gold, style)
+        with AnswerChecker(style, timeout_s=5) as checker:
+            assert outcome == checker._grade_in_child([(completion, gold)])[0], completion
+    with AnswerChecker("plain", timeout_s=5) as checker:
+        grades = checker.grade_many(["19", "20", "19 because"], ["19", "19", "19"])
+        assert [g.correct for g in grades] == [True, False, False]
+        assert checker.worker_pid is not None  # the last one needed the child
+    with AnswerChecker("plain", timeout_s=5) as checker:
+        assert [g.correct for g in checker.grade_many(["3", "4"], ["3", "3"])] == [True, False]
+        assert checker.worker_pid is None and checker.counters["correct"] == 1
 
 
 def test_pathological_input_times_out_and_checker_recovers():

@@ -7,6 +7,10 @@ Reading the answer is math-verify's ``parse`` with the extraction configs of eac
 Both reading and comparing run in the child, because sympy (behind math-verify's parser and
 comparison) can hang, and the only reliable interruption, SIGALRM, works in a main thread only:
 callers are Ray workers and vLLM processes whose grading code may not run in the main thread.
+The exception is an answer that needs neither: a plain number read without math-verify (a
+``plain`` completion's line, a GSM8K ``####`` line) against a plain-number gold answer is
+decided in the caller, with the child's rules (the embedded arithmetic task grades all its
+answers so, with no round trip to the child per answer).
 The child is a fresh interpreter (fork + immediate exec, like multiprocessing's "spawn"; a plain
 fork of a process with threads can deadlock), started lazily on first use and reused.
 
@@ -184,6 +188,26 @@ def _exact_number_comparison(predicted: str, gold: str) -> bool | None:
         if _INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(gold):
             return False
     return None
+
+
+def _plain_number_outcome(completion: str, gold: str, style: str
+                          ) -> tuple[bool, None, str | None] | None:
+    """The outcome (correct, failure, extracted) the child would give an item whose answer is
+    read and compared without math-verify (no parser, no sympy: it cannot hang), or None when
+    the item needs the child: a ``plain`` completion's first line or a GSM8K ``####`` line
+    that is missing, or a plain number compared with a plain-number gold answer."""
+    if style == "plain":
+        answer = _first_line(completion)
+    elif style == "gsm8k" and "####" in completion:
+        answer = hashes_answer(completion)
+        if answer is not None and not _DECIMAL.fullmatch(answer):
+            return None  # math-verify reads it
+    else:
+        return None
+    if answer is None:
+        return False, None, None
+    exact = _exact_number_comparison(answer, gold)
+    return None if exact is None else (exact, None, answer)
 
 
 def _math_verify_comparison(answer: str, parsed: list | None, gold: str) -> bool:
@@ -388,8 +412,13 @@ class AnswerChecker:
                              f"{len(golds)} gold answers; pass one gold answer per completion")
         items = [(_as_text(completion), _as_text(gold).strip())
                  for completion, gold in zip(completions, golds, strict=True)]
+        # A custom verifier sees every answer; otherwise plain numbers skip the child.
+        outcomes = [None if self.verifier else _plain_number_outcome(completion, gold, self.style)
+                    for completion, gold in items]
         with self._lock:
-            outcomes = self._grade_in_child(items) if items else []
+            rest = iter(self._grade_in_child([item for item, outcome in zip(items, outcomes)
+                                              if outcome is None]))
+            outcomes = [next(rest) if outcome is None else outcome for outcome in outcomes]
             grades = [Grade(1.0 if correct else 0.0, correct, extracted, failure)
                       for correct, failure, extracted in outcomes]
             self._count(grades)
