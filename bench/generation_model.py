@@ -39,20 +39,9 @@ class GenerationModelSpec:
 
 def build_tokenizer():
     """The embedded character tokenizer's vocabulary plus word tokens up to VOCAB_SIZE."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from rllib_ext.llm.tiny import build_char_tokenizer
 
-    from rllib_ext.llm.tiny import BOS_ID, CHARACTERS, SPECIAL_TOKENS
-
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    vocab.update({f"<w{i}>": len(vocab) + i for i in range(VOCAB_SIZE - len(vocab))})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return build_char_tokenizer(VOCAB_SIZE)
 
 
 def calibrate_eos(model, hazard: float, steps: int = 4) -> float:

@@ -98,6 +98,16 @@ def register_project_envs() -> None:
         register_env(name, _EnvCreator(path))
 
 
+def env_id_and_creator(env_specifier: Any, config) -> tuple:
+    """RLlib's ``Algorithm._get_env_id_and_creator`` with this project's env names registered
+    first. ``Algorithm.__init__`` resolves the env before ``setup`` runs, so an algorithm
+    built from Python (not by the `rllib` command) finds "MathEnv" etc. only this way."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    register_project_envs()
+    return Algorithm._get_env_id_and_creator(env_specifier, config)
+
+
 class _EnvCreator:
     """Picklable env creator: imports the class inside the worker that builds the env."""
 

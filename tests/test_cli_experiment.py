@@ -2,6 +2,7 @@
 
 import textwrap
 
+import pytest
 from ray import tune
 
 from rllib_ext.cli.experiment import deep_merge, experiments_from_file, first_variant
@@ -42,3 +43,19 @@ def test_model_config_alias_and_first_variant(tmp_path):
     assert experiment.stop == {"training_iteration": 3}
     assert first_variant({"a": {"grid_search": [3, 4]}, "b": {"c": {"choice": [7]}}}) == \
         {"a": 3, "b": {"c": 7}}
+
+
+@pytest.mark.parametrize("algorithm,env", [("VCPO", "MathEnv"), ("TMFPG", "DynamicQueueing")])
+def test_algorithms_built_from_python_find_the_project_env_names(algorithm, env):
+    """Algorithm.__init__ resolves config.env before setup runs: the project's env names must
+    be registered by then (not only when the `rllib` command registered them)."""
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from rllib_ext import registry
+
+    for name in registry.PROJECT_ENVS:
+        _global_registry.unregister(ENV_CREATOR, name)
+    algorithm_class = registry.get_algorithm_class(algorithm)
+    _, creator = algorithm_class._get_env_id_and_creator(env, algorithm_class.get_default_config())
+    assert _global_registry.contains(ENV_CREATOR, env)
+    assert isinstance(creator({}), registry.import_object(registry.PROJECT_ENVS[env]))

@@ -18,9 +18,9 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from rllib_ext.algorithms.vcpo.vcpo import VCPOConfig
-from rllib_ext.llm.env_runner import FORCE_WEIGHTS, LLMEnvRunner
+from rllib_ext.llm.env_runner import LLMEnvRunner
 from rllib_ext.llm.tiny import EOS_ID, TINY_ARITHMETIC_DATASET
-from rllib_ext.llm.weight_sync import WeightManifest
+from rllib_ext.llm.weight_sync import FORCE_WEIGHTS, WeightManifest
 
 pytestmark = pytest.mark.slow
 

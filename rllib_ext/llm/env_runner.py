@@ -61,7 +61,12 @@ from rllib_ext.llm.columns import (
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.task import Task
 from rllib_ext.llm.tiny import resolve_model
-from rllib_ext.llm.weight_sync import WeightSyncError, bucket_bytes_from_mb, load_state_dict
+from rllib_ext.llm.weight_sync import (
+    FORCE_WEIGHTS,
+    WeightSyncError,
+    bucket_bytes_from_mb,
+    load_state_dict,
+)
 
 ENV_STATE = "env_state"
 NEXT_GROUP = "next_group"
@@ -77,9 +82,6 @@ RUNNER_METRICS = (
     "num_checker_errors", "tokens_per_s", "generation_time_s", "truncated_response_fraction",
     "num_empty_responses", "num_non_utf8_responses", WEIGHTS_SEQ_NO, "weight_sync_time_s",
     "num_weight_syncs", "weight_sync_buckets", "sample_time_s", COMPLETIONS_TABLE)
-# In a state for set_state: load the weights whatever their version and adopt it (a restored
-# run's learner may be behind the runner's engine).
-FORCE_WEIGHTS = "force_weights"
 # Group ids are unique across runners: worker_index * GROUP_ID_STRIDE + a per-runner counter.
 GROUP_ID_STRIDE = 10**12
 

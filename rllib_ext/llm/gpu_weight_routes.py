@@ -100,7 +100,7 @@ class _RunnerClient:
         from ray.rllib.core import COMPONENT_RL_MODULE
         from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-        from rllib_ext.llm.env_runner import FORCE_WEIGHTS
+        from rllib_ext.llm.weight_sync import FORCE_WEIGHTS
 
         ray.get(self.actor.set_state.remote({COMPONENT_RL_MODULE: TransferredWeights(
             self.version), WEIGHTS_SEQ_NO: self.version, FORCE_WEIGHTS: True}))

@@ -73,13 +73,16 @@ def tiny_model_dir(spec: TinyModelSpec = TinyModelSpec()) -> Path:
     return cache_root() / "models" / f"tiny-arith-{spec.digest()}"
 
 
-def build_char_tokenizer():
+def build_char_tokenizer(vocab_size: int | None = None):
     """A character-level ``PreTrainedTokenizerFast``: one token per character, ``<bos>``
-    prepended, tokens fused back without separators when decoding."""
+    prepended, tokens fused back without separators when decoding. ``vocab_size`` pads the
+    vocabulary with word tokens ``<w0>``, ``<w1>``, ... that text never encodes to (a model
+    with a larger output layer, e.g. the generation benchmark's)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab.update({f"<w{i}>": len(vocab) + i for i in range(max(0, (vocab_size or 0) - len(vocab)))})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()

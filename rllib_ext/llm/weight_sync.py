@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 DEFAULT_BUCKET_MB = 256
+# In a state for an env runner's set_state: load the weights whatever their version and adopt
+# it (a restored run's learner may be behind the runner's engine).
+FORCE_WEIGHTS = "force_weights"
 
 
 class WeightSyncError(RuntimeError):

@@ -195,11 +195,11 @@ class TMFPG(Algorithm):
     def get_default_config(cls) -> TMFPGConfig:
         return TMFPGConfig()
 
+    # Project env names ("DynamicQueueing", ...) resolve also when built from Python.
+    _get_env_id_and_creator = staticmethod(registry.env_id_and_creator)
+
     @override(Algorithm)
     def setup(self, config: AlgorithmConfig) -> None:
-        # Project env names ("DynamicQueueing", ...) resolve in every env runner, also when
-        # the algorithm is built from Python rather than by the `rllib` command.
-        registry.register_project_envs()
         super().setup(config)
         env = self.env_creator(EnvContext(self.config.env_config, worker_index=0))
         env = getattr(env, "unwrapped", env)

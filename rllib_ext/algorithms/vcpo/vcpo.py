@@ -36,9 +36,9 @@ from rllib_ext.algorithms.vcpo.torch.step import BASELINES, CORRECTIONS, OPOB_RO
 from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
 from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
-from rllib_ext.llm.env_runner import ENV_STATE, FORCE_WEIGHTS, NEXT_GROUP
+from rllib_ext.llm.env_runner import ENV_STATE, NEXT_GROUP
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
-from rllib_ext.llm.weight_sync import bucket_bytes_from_mb, put_weight_buckets
+from rllib_ext.llm.weight_sync import FORCE_WEIGHTS, bucket_bytes_from_mb, put_weight_buckets
 from rllib_ext.utils.heap import MAX_KEEP_BYTES
 from rllib_ext.utils.operation_watch import OperationWatch
 
@@ -248,10 +248,10 @@ class VCPO(Algorithm):
     def get_default_config(cls) -> VCPOConfig:
         return VCPOConfig()
 
+    # Project env names ("MathEnv", ...) resolve also when built from Python.
+    _get_env_id_and_creator = staticmethod(registry.env_id_and_creator)
+
     def setup(self, config) -> None:
-        # Project env names ("MathEnv", ...) resolve in every env runner, also when the
-        # algorithm is built from Python rather than by the `rllib` command.
-        registry.register_project_envs()
         super().setup(config)
         self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
