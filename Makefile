@@ -32,7 +32,7 @@ venv-gpu:
 
 # VCPO on the embedded tiny model with the real vLLM engine (builds the model on first use).
 demo: venv
-	$(BIN)/python -m rllib_ext.llm.tiny build
+	$(BIN)/python -m rllib_ext.tiny_build
 	$(BIN)/rllib train file tuned_examples/vcpo_math_tiny.yaml --storage-path runs
 
 test: venv

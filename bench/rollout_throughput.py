@@ -204,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-gb", type=float, default=1.0,
                         help="size (GB, float32) of the extra weight-sync model; 0 = none")
     args = parser.parse_args(argv)
-    from rllib_ext.llm.tiny import cache_root
+    from rllib_ext.llm.tiny import TINY_MODEL_NAME, cache_root
+    from rllib_ext.tiny_build import ensure_built
 
     model = str(build_generation_model(cache_root() / "models"))
+    ensure_built(TINY_MODEL_NAME)
     max_tokens, prompts, pairs, train_pairs = (64, 4, 1, 1) if args.quick else (256, 16, 3, 4)
     sync_gb = 0 if args.quick else args.sync_gb
     results, syncs = {}, []
     for workload, (path, tokens) in {"generation": (model, max_tokens),
-                                     "training": ("tiny", 6)}.items():
+                                     "training": (TINY_MODEL_NAME, 6)}.items():
         print(f"{workload} workload ...", flush=True)
         children = {kind: Child(kind, path, tokens, prompts if workload == "generation" else 16)
                     for kind in BACKENDS}

@@ -34,10 +34,12 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tiny_model_path() -> str:
-    """The embedded tiny model (built on first use, then cached on disk)."""
-    from rllib_ext.llm.tiny import build
+    """The embedded tiny model (built once, then cached on disk): tests that load "tiny"
+    (a MathEnv's default tokenizer, runners built by hand) find it built, as the algorithms
+    and the `rllib` command make sure it is."""
+    from rllib_ext.tiny_build import build
 
     return str(build(quiet=True))
 

@@ -118,6 +118,7 @@ def _check_hub_id(name: str, source: str, key: str) -> str | None:
 def check_llm_task(env: Any, config: Any, source: str, key: str) -> list[str]:
     """The task's env_config before a run: no keys the runner sets, and the task's own
     ``check_config`` (dataset files exist and parse, keys known, evaluation split held out)."""
+    from rllib_ext import tiny_build
     from rllib_ext.llm.task import RUNNER_KEYS
     from rllib_ext.llm.tiny import resolve_model
 
@@ -137,6 +138,7 @@ def check_llm_task(env: Any, config: Any, source: str, key: str) -> list[str]:
         return []
     model = config.llm_model
     if model == "tiny" or Path(str(model)).expanduser().is_dir():
+        tiny_build.ensure_built(model)
         env_config["tokenizer"] = resolve_model(model)
         env_config["max_prompt_tokens"] = config.max_prompt_tokens
     evaluates = getattr(config, "accuracy_eval_interval", 0)

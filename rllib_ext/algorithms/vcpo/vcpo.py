@@ -30,7 +30,7 @@ from ray.rllib.utils.metrics import (
     WEIGHTS_SEQ_NO,
 )
 
-from rllib_ext import registry
+from rllib_ext import registry, tiny_build
 from rllib_ext.algorithms.vcpo.staleness import StalenessController
 from rllib_ext.algorithms.vcpo.torch.step import BASELINES, CORRECTIONS, OPOB_ROUTES
 from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
@@ -252,6 +252,7 @@ class VCPO(Algorithm):
     _get_env_id_and_creator = staticmethod(registry.env_id_and_creator)
 
     def setup(self, config) -> None:
+        tiny_build.ensure_built(config.llm_model)  # before runners and learners load it
         super().setup(config)
         self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
