@@ -162,7 +162,7 @@ def test_a_stop_metric_the_algorithm_never_reports_is_refused(tmp_path, capsys, 
 
 
 def test_stop_metrics_the_algorithm_reports_are_accepted(tmp_path, capsys):
-    stop = {"evaluation/accuracy": 0.9, "env_runners/reward_std": 0.1, "vcpo/policy_version": 9,
+    stop = {"evaluation/accuracy": 0.9, "vcpo/reward_std": 0.1, "vcpo/policy_version": 9,
             "learners/default_policy/ess_ratio": 0.5, "time_total_s": 60}
     code, _, err = dry_run(capsys, write(tmp_path), "--stop", json.dumps(stop))
     assert code == 0, err

@@ -49,15 +49,17 @@ def test_jsonl_with_two_rewards_trains_logs_both_and_exports(cli, tmp_path, tiny
     results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
     last = results[-1]
     assert last["vcpo"]["policy_version"] == 30  # it trained: 3 iterations x 10 updates
-    for group in (last["env_runners"]["rewards"], {
+    for group in (last["vcpo"]["rewards"], {
             k.split("/", 1)[1]: v for k, v in last["evaluation"].items()
             if k.startswith("rewards/")}):
         assert set(group) == {"math_answer", "no_extra_characters"}
         assert all(0.0 <= value <= 1.0 for value in group.values())
-    runner = last["env_runners"]
-    assert np.isclose(runner["episode_return_mean"], runner["rewards"]["math_answer"]
-                      + 0.2 * runner["rewards"]["no_extra_characters"], atol=0.05)
-    tables = runner["completions"]
+    rollouts = last["vcpo"]  # what a user reads of the rollouts (RLlib's return: env_runners/)
+    assert np.isclose(last["env_runners"]["episode_return_mean"],
+                      rollouts["rewards"]["math_answer"]
+                      + 0.2 * rollouts["rewards"]["no_extra_characters"], atol=0.05)
+    assert "reward_std" not in last["env_runners"] and 0 <= rollouts["reward_std"] <= 1
+    tables = rollouts["completions"]
     assert tables and "| math_answer | no_extra_characters |" in tables[-1]
 
     # export -> transformers: the same log-probs as the checkpoint's RLModule

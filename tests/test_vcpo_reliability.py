@@ -221,8 +221,8 @@ def test_empty_completions_are_counted_and_training_goes_on(algo, tiny_model_pat
 def test_completions_hitting_max_tokens_are_counted_and_training_goes_on(algo,
                                                                         tiny_model_path):
     force_engine_weights(algo, finetuned_state(tiny_model_path, "1111111111", eos=False))
-    results = train_until(algo, lambda r: r["env_runners"]["truncated_response_fraction"] > 0)
-    assert results[-1]["env_runners"]["truncated_response_fraction"] > 0
+    results = train_until(algo, lambda r: r["vcpo"]["truncated_response_fraction"] > 0)
+    assert results[-1]["vcpo"]["truncated_response_fraction"] > 0
     assert np.isfinite(results[-1]["learners"]["default_policy"]["total_loss"])
     assert algo.train()["training_iteration"] == results[-1]["training_iteration"] + 1
 

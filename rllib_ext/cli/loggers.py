@@ -7,7 +7,7 @@ timings, throughput, duplicates of other metrics) sits among what a user reads. 
 is the metric's path in ``result.json`` (``env_runners/accuracy``,
 ``learners/default_policy/ess_ratio``, ``evaluation/accuracy``, ``vcpo/samples_per_s``), and
 the bookkeeping goes under ``plumbing/``. Text results (an LLM run's table of sampled
-completions, ``env_runners/completions``) are written as TensorBoard text every
+completions, ``vcpo/completions``) are written as TensorBoard text every
 ``completions_table_interval`` iterations.
 """
 
@@ -46,7 +46,7 @@ PLUMBING_NAMES = (
 # Not metrics (Tune writes them into every result).
 NOT_LOGGED = ("config", "pid", "hostname", "node_ip", "date", "trial_id", "timestamp",
               TRAINING_ITERATION, "time_total_s")
-TEXT_RESULTS = ("env_runners/completions",)
+TEXT_RESULTS = ("vcpo/completions",)
 DEFAULT_COMPLETIONS_TABLE_INTERVAL = 10
 LOGGERS = ("wandb", "mlflow")
 

@@ -164,12 +164,14 @@ def known_result_metrics(algo_class: type, config: Any) -> tuple[set[str], tuple
     from rllib_ext.llm.rollout_config import LLMRolloutConfig
 
     if isinstance(config, LLMRolloutConfig):
-        from rllib_ext.llm.env_runner import RUNNER_METRICS
+        from rllib_ext.llm.env_runner import ROLLOUT_METRICS, RUNNER_METRICS
         from rllib_ext.llm.evaluation import EVALUATION_METRICS
 
         exact |= {f"env_runners/{k}" for k in RUNNER_METRICS}
+        rollout_group = getattr(algo_class, "rollout_metrics_group", "env_runners")
+        exact |= {f"{rollout_group}/{k}" for k in ROLLOUT_METRICS}
         exact |= {f"evaluation/{k}" for k in EVALUATION_METRICS}
-        groups |= {"env_runners/rewards/", "evaluation/rewards/"}
+        groups |= {f"{rollout_group}/rewards/", "evaluation/rewards/"}
     for _, path, _ in getattr(algo_class, "progress_metrics", ()):
         exact.add(path)
         group = path.rsplit("/", 1)[0] + "/" if "/" in path else None

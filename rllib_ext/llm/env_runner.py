@@ -72,16 +72,20 @@ ENV_STATE = "env_state"
 NEXT_GROUP = "next_group"
 # Env-runner metric: a markdown table of some completions of the latest sample.
 COMPLETIONS_TABLE = "completions"
-# Every metric an LLMEnvRunner reports (under env_runners/; reward functions' means are under
-# env_runners/rewards/<name>, counts of the task under num_<name>).
+# What a user reads of the rollouts besides the mean return and the accuracy: the spread of the
+# rewards, each reward function's mean (under rewards/<name>), lengths, a table of samples.
+# An algorithm reports these under its own name (VCPO: vcpo/reward_std, ...).
+ROLLOUT_METRICS = ("reward_std", "fraction_groups_one_reward", "rewards", "response_length_mean",
+                   "response_length_min", "response_length_max", "truncated_response_fraction",
+                   COMPLETIONS_TABLE)
+# The other metrics an LLMEnvRunner reports, under env_runners/: RLlib's counters, the mean
+# return and accuracy, the task's counts (num_<name>), generation and weight-sync timings.
 RUNNER_METRICS = (
     NUM_ENV_STEPS_SAMPLED, NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_EPISODES, NUM_EPISODES_LIFETIME,
-    "num_generated_tokens_lifetime", EPISODE_RETURN_MEAN, "reward_std",
-    "fraction_groups_one_reward", "response_length_mean", "response_length_min",
-    "response_length_max", "accuracy", "num_no_answer", "num_checker_timeouts",
-    "num_checker_errors", "tokens_per_s", "generation_time_s", "truncated_response_fraction",
+    "num_generated_tokens_lifetime", EPISODE_RETURN_MEAN, "accuracy", "num_no_answer",
+    "num_checker_timeouts", "num_checker_errors", "tokens_per_s", "generation_time_s",
     "num_empty_responses", "num_non_utf8_responses", WEIGHTS_SEQ_NO, "weight_sync_time_s",
-    "num_weight_syncs", "weight_sync_buckets", "sample_time_s", COMPLETIONS_TABLE)
+    "num_weight_syncs", "weight_sync_buckets", "sample_time_s")
 # Group ids are unique across runners: worker_index * GROUP_ID_STRIDE + a per-runner counter.
 GROUP_ID_STRIDE = 10**12
 

@@ -36,7 +36,7 @@ from rllib_ext.algorithms.vcpo.torch.step import BASELINES, CORRECTIONS, OPOB_RO
 from rllib_ext.algorithms.vcpo.vcpo_learner import group_shards
 from rllib_ext.llm import gpu_weight_routes
 from rllib_ext.llm.causal_lm_module import CausalLMRLModule
-from rllib_ext.llm.env_runner import ENV_STATE, NEXT_GROUP
+from rllib_ext.llm.env_runner import ENV_STATE, NEXT_GROUP, ROLLOUT_METRICS
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
 from rllib_ext.llm.weight_sync import FORCE_WEIGHTS, bucket_bytes_from_mb, put_weight_buckets
 from rllib_ext.utils.heap import MAX_KEEP_BYTES
@@ -244,6 +244,9 @@ class VCPO(Algorithm):
         ("samples/s", "vcpo/samples_per_s", "{:.0f}"),
     )
 
+    # Where the runners' ROLLOUT_METRICS go (the rest of their metrics: env_runners/).
+    rollout_metrics_group = VCPO_RESULTS
+
     @classmethod
     def get_default_config(cls) -> VCPOConfig:
         return VCPOConfig()
@@ -351,12 +354,20 @@ class VCPO(Algorithm):
         self.metrics.log_value((VCPO_RESULTS, f"time_{phase}_s"), seconds, reduce="mean",
                                window=self.config.updates_per_iteration)
 
+    def _aggregate_runner_metrics(self, metrics: list[dict]) -> None:
+        """The runners' ROLLOUT_METRICS (reward spread, per-function rewards, lengths, sample
+        completions) under vcpo/ beside the loop's own; the rest under env_runners/."""
+        for key, wanted in ((self.rollout_metrics_group, True), (ENV_RUNNER_RESULTS, False)):
+            self.metrics.aggregate([{name: value for name, value in m.items()
+                                     if (name in ROLLOUT_METRICS) == wanted} for m in metrics],
+                                   key=key)
+
     def _sample_locally(self):
         """No remote runners: the local runner samples synchronously (k is moot)."""
         while (batch := self._staleness.next_batch()) is None:
             self._staleness.launched(0, self.config.sample_size, self._staleness.learner_version)
             episodes = self.env_runner.sample()
-            self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+            self._aggregate_runner_metrics([self.env_runner.get_metrics()])
             self._staleness.arrived(0, self._version_of(episodes), len(episodes), episodes)
         return batch
 
@@ -422,7 +433,7 @@ class VCPO(Algorithm):
             self._staleness.arrived(runner_id, self._version_of(episodes), len(episodes),
                                     episodes)
         if metrics:
-            self.metrics.aggregate(metrics, key=ENV_RUNNER_RESULTS)
+            self._aggregate_runner_metrics(metrics)
         healthy = set(group.healthy_env_runner_ids())
         for runner_id in list(self._staleness.in_flight):
             if runner_id not in healthy:
