@@ -58,6 +58,7 @@ from rllib_ext.llm.columns import (
     TRUNCATED_RESPONSE,
     UID,
 )
+from rllib_ext.llm.episode_list import EpisodeList
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.task import Task
 from rllib_ext.llm.tiny import resolve_model
@@ -191,7 +192,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         sampled_prompts = [p for p in prompts for _ in range(sampling.n)]
         scores = self.env.score(sampled_prompts, texts)
 
-        episodes = []
+        episodes = EpisodeList()  # pickles column-wise on its way to the driver
         for k, (prompt, completion) in enumerate(zip(sampled_prompts, completions, strict=True)):
             if k % sampling.n == 0:
                 group_id = (self.worker_index or 0) * GROUP_ID_STRIDE + self._next_group

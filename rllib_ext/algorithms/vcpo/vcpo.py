@@ -248,10 +248,15 @@ class VCPO(Algorithm):
     def get_default_config(cls) -> VCPOConfig:
         return VCPOConfig()
 
-    def setup(self, config) -> None:
+    def __init__(self, *args, **kwargs):
         # Project env names ("MathEnv", ...) resolve in every env runner, also when the
-        # algorithm is built from Python rather than by the `rllib` command.
+        # algorithm is built from Python rather than by the `rllib` command: registered before
+        # Algorithm.__init__ resolves config.env into the creator the runners get (setup() is
+        # too late: the first algorithm of a process got gymnasium's "MathEnv doesn't exist").
         registry.register_project_envs()
+        super().__init__(*args, **kwargs)
+
+    def setup(self, config) -> None:
         super().setup(config)
         self._staleness = self._new_staleness_controller()
         # Algorithm.setup already pushed version 0 to every runner.
