@@ -2,6 +2,7 @@
 in-place weight sync with versions, evaluation; the transformers backend as the reference."""
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from rllib_ext.llm.causal_lm_module import (
 )
 from rllib_ext.llm.columns import BEHAVIOUR_LOGP, GROUP_ID, PROMPT_LENGTH, RESPONSE_LENGTH
 from rllib_ext.llm.env_runner import LLMEnvRunner
+from rllib_ext.llm.episode_list import EpisodeList, episode_columns, episodes_from_columns
 from rllib_ext.llm.generation import SamplingSettings, TransformersBackend
 from rllib_ext.llm.rollout_config import LLMRolloutConfig
 from rllib_ext.llm.tiny import PAD_ID, TINY_ARITHMETIC_DATASET
@@ -107,6 +109,33 @@ def test_episodes_carry_groups_rewards_versions_and_logprobs(ray_session, runner
         (min(lengths), max(lengths))
     [table] = metrics["completions"].peek()
     assert len(table.splitlines()) == 2 + 8 and "| prompt | completion | reward | math_answer |" in table
+
+
+def assert_same_episodes(left, right):
+    assert [e.id_ for e in left] == [e.id_ for e in right]
+    for a, b in zip(left, right, strict=True):
+        assert (a.is_terminated, len(a), a.get_rewards(0)) == (b.is_terminated, len(b),
+                                                               b.get_rewards(0))
+        assert a.get_infos() == b.get_infos()
+        for x, y in [(a.get_observations(i), b.get_observations(i)) for i in (0, 1)] + \
+                [(a.get_actions(0), b.get_actions(0))] + \
+                [(a.get_extra_model_outputs(k, 0), b.get_extra_model_outputs(k, 0))
+                 for k in a.extra_model_outputs]:
+            assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+        assert set(a.extra_model_outputs) == set(b.extra_model_outputs)
+
+
+def test_sampled_episodes_travel_as_columns_and_come_back_equal(ray_session, runner):
+    episodes = ray_session.get(runner.sample.remote())
+    assert isinstance(episodes, EpisodeList) and episode_columns(episodes) is not None
+    assert episodes.__reduce__()[0] is episodes_from_columns
+    assert_same_episodes(pickle.loads(pickle.dumps(episodes)), episodes)
+    # Episodes of another shape (a longer response window) make it a plain list of episodes.
+    other = ray_session.get(runner.sample.remote())[:1]
+    other[0].actions.data = np.concatenate([other[0].actions.data] * 2, axis=1)
+    mixed = EpisodeList(list(episodes[:2]) + other)
+    assert episode_columns(mixed) is None and mixed.__reduce__()[0] is EpisodeList
+    assert_same_episodes(pickle.loads(pickle.dumps(mixed)), mixed)
 
 
 def test_weight_sync_then_vllm_logprobs_equal_rlmodule(ray_session, runner, module):

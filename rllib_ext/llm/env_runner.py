@@ -58,6 +58,7 @@ from rllib_ext.llm.columns import (
     TRUNCATED_RESPONSE,
     UID,
 )
+from rllib_ext.llm.episode_list import EpisodeList
 from rllib_ext.llm.generation import make_backend
 from rllib_ext.llm.task import Task
 from rllib_ext.llm.tiny import resolve_model
@@ -197,7 +198,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         sampled_prompts = [p for p in prompts for _ in range(sampling.n)]
         scores = self.env.score(sampled_prompts, texts)
 
-        episodes = []
+        episodes = EpisodeList()  # pickles column-wise on its way to the driver
         for k, (prompt, completion) in enumerate(zip(sampled_prompts, completions, strict=True)):
             if k % sampling.n == 0:
                 group_id = (self.worker_index or 0) * GROUP_ID_STRIDE + self._next_group
@@ -213,31 +214,43 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                reduce="sum")
         return episodes
 
+    def sample_get_state_and_metrics(self):
+        """RLlib's asynchronous call (sample, then this runner's state and metrics), with the
+        episodes in the reply itself: RLlib puts them in Ray's object store for aggregator
+        actors, but LLM algorithms train them in the driver, where that object would only cost
+        a put here and a second fetch there per sample."""
+        episodes = self.sample()
+        return (episodes, self.get_state(not_components=COMPONENT_RL_MODULE),
+                self.get_metrics())
+
     def _episode(self, prompt, completion, reward, info, group_id, version):
+        """One finished single-step episode, built from numpy arrays in one constructor call
+        (what ``add_env_reset`` + ``add_env_step`` + ``to_numpy`` give, at a quarter of the
+        cost). It carries no spaces: they would be pickled with each of the
+        ``prompts_per_sample x num_generations`` episodes that go to the driver."""
         width = self.config.max_response_tokens
-        action = np.full(width, self.eos_id, dtype=np.int64)
-        behaviour_logp = np.zeros(width, dtype=np.float32)
+        action = np.full((1, width), self.eos_id, dtype=np.int64)
+        behaviour_logp = np.zeros((1, width), dtype=np.float32)
         length = min(len(completion.token_ids), width)
-        action[:length] = completion.token_ids[:length]
-        behaviour_logp[:length] = completion.logprobs[:length]
-        observation_space, action_space = self._spaces[DEFAULT_MODULE_ID]
-        observation = np.full(observation_space.shape, self.pad_id, dtype=np.int64)
-        observation[:len(prompt.token_ids)] = prompt.token_ids
-        episode = SingleAgentEpisode(observation_space=observation_space,
-                                     action_space=action_space)
-        episode.add_env_reset(observation=observation, infos=row_info(prompt.row))
-        episode.add_env_step(
-            observation=observation, action=action, reward=reward, terminated=True, infos=info,
-            extra_model_outputs={
-                BEHAVIOUR_LOGP: behaviour_logp,
-                Columns.ACTION_LOGP: np.float32(behaviour_logp[:length].sum()),
-                RESPONSE_LENGTH: np.int64(length),
-                PROMPT_LENGTH: np.int64(len(prompt.token_ids)),
-                GROUP_ID: np.int64(group_id),
-                WEIGHTS_SEQ_NO: np.int64(version),
-                TRUNCATED_RESPONSE: np.int64(completion.finish_reason == "length"),
-            })
-        return episode.to_numpy()
+        action[0, :length] = completion.token_ids[:length]
+        behaviour_logp[0, :length] = completion.logprobs[:length]
+        observation_space, _ = self._spaces[DEFAULT_MODULE_ID]
+        observations = np.full((2, *observation_space.shape), self.pad_id, dtype=np.int64)
+        observations[:, :len(prompt.token_ids)] = prompt.token_ids
+        extra_model_outputs = {
+            BEHAVIOUR_LOGP: behaviour_logp,
+            Columns.ACTION_LOGP: behaviour_logp[:, :length].sum(axis=1),
+            RESPONSE_LENGTH: np.array([length], dtype=np.int64),
+            PROMPT_LENGTH: np.array([len(prompt.token_ids)], dtype=np.int64),
+            GROUP_ID: np.array([group_id], dtype=np.int64),
+            WEIGHTS_SEQ_NO: np.array([version], dtype=np.int64),
+            TRUNCATED_RESPONSE: np.array([completion.finish_reason == "length"],
+                                         dtype=np.int64),
+        }
+        return SingleAgentEpisode(
+            observations=observations, actions=action,
+            rewards=np.array([reward], dtype=np.float64), infos=[row_info(prompt.row), info],
+            terminated=True, extra_model_outputs=extra_model_outputs, len_lookback_buffer=0)
 
     def _log_sample_metrics(self, prompts, completions, texts, scores, group_size,
                             generation_s):
