@@ -14,6 +14,7 @@ VCPO and the `rllib` command call :func:`build` before anything loads ``"tiny"``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -143,7 +144,8 @@ def build(spec: TinyModelSpec = TinyModelSpec(), force: bool = False,
             torch.set_num_threads(threads)
         info.update(spec=asdict(spec), build_seconds=round(time.time() - started, 1))
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-        model.save_pretrained(staging)
+        with _no_progress_bars():
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
         if target.exists():
@@ -157,6 +159,20 @@ def build(spec: TinyModelSpec = TinyModelSpec(), force: bool = False,
 
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off (a one-file save draws one per call)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rllib_ext.tiny_build",
                                      description="Build the embedded tiny model (or reuse the "
@@ -167,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.path:
         print(tiny_model_dir())
         return 0
-    path = build(force=args.force)
-    print(path)
-    print(json.dumps({k: v for k, v in json.loads((path / BUILD_INFO_FILE).read_text()).items()
-                      if k != "history"}, indent=2))
+    print(build(force=args.force))  # what the build did is in its BUILD_INFO_FILE
     return 0
 
 
