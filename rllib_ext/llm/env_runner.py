@@ -107,12 +107,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             len(tokenizer), self.config.max_prompt_tokens, self.config.max_response_tokens)
         self._spaces = {INPUT_ENV_SPACES: (observation_space, action_space),
                         DEFAULT_MODULE_ID: (observation_space, action_space)}
-        # RLlib's creator for config.env (a runner built by hand resolves config.env as
-        # RLlib does: a registered name, a class or a "module.Class" path).
+        # RLlib's creator for config.env (a runner built by hand resolves config.env as its
+        # algorithm does: a registered name, a class or a "module.Class" path, and the
+        # algorithm's own names, e.g. VCPO's project envs, also where none was registered).
         if env_creator is None:
             from ray.rllib.algorithms.algorithm import Algorithm
 
-            env_creator = Algorithm._get_env_id_and_creator(self.config.env, self.config)[1]
+            algorithm = self.config.algo_class or Algorithm
+            env_creator = algorithm._get_env_id_and_creator(self.config.env, self.config)[1]
         self._task_creator = env_creator
         self._weights_seq_no = 0
         self._next_group = 0
