@@ -19,13 +19,8 @@ from rllib_ext.algorithms.tmf_pg.population import AgentTypeMapping, PopulationV
 from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_rl_module import TMFPGTorchRLModule
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny networks: thread hand-offs cost more than the math on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: thread hand-offs cost more than the math on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_module(env, seed=0):
@@ -127,6 +122,9 @@ def test_exact_inner_steps_leave_the_fixed_flow_untouched():
 
 @pytest.mark.parametrize("settings,match", [
     ({"entropy_coeff": -0.1}, r"TMFPGConfig.entropy_coeff: got -0.1; use a number >= 0"),
+    ({"entropy_coeff": [[0, 0.1], [100, -0.1]]}, r"TMFPGConfig.entropy_coeff: got .*schedule"),
+    ({"entropy_coeff": [[10, 0.1], [100, 0.0]]}, r"TMFPGConfig.entropy_coeff: got .*schedule"),
+    ({"entropy_coeff": [[0, 0.1]]}, r"TMFPGConfig.entropy_coeff"),
     ({"inner_updates": 0}, r"TMFPGConfig.inner_updates: got 0; use an integer >= 1"),
     ({"num_episodes_per_iteration": 0},
      r"TMFPGConfig.num_episodes_per_iteration: got 0; use an integer >= 1"),
@@ -279,29 +277,77 @@ def test_tuned_examples_validate():
     assert len(env_config["activation"]["grid_search"]) == 4
 
 
-def test_loss_weights_each_step_by_its_discount():
-    """loss = -mean[gamma^j log pi(a|o) A] - tau mean[gamma^j H(pi(.|o))] on a hand batch."""
+def hand_batch(env):
     from ray.rllib.core.columns import Columns
 
-    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ADVANTAGES, DISCOUNTS, SOFT_RETURNS
+    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import (
+        DISCOUNTS,
+        LOGP_ADVANTAGES,
+        REWARD_ADVANTAGES,
+        REWARD_RETURNS,
+    )
 
+    observations = torch.as_tensor(np.stack([env.policy_inputs(np.full(4, 0.25))[o]
+                                             for o in (0, 1, 2)]))
+    return {Columns.OBS: observations, Columns.ACTIONS: torch.tensor([1, 0, 3]),
+            REWARD_ADVANTAGES: torch.tensor([1.0, -2.0, 0.5]),
+            LOGP_ADVANTAGES: torch.tensor([-0.5, 1.0, 2.0]), REWARD_RETURNS: torch.zeros(3),
+            DISCOUNTS: torch.tensor([1.0, 0.5, 0.25])}
+
+
+def expected_loss(fwd, batch, tau):
+    """-mean[gamma^j log pi(a|o) ((R - b(R)) - tau (L - b(L)))] - tau mean[gamma^j H]."""
+    from ray.rllib.core.columns import Columns
+
+    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import (
+        DISCOUNTS,
+        LOGP_ADVANTAGES,
+        REWARD_ADVANTAGES,
+    )
+
+    log_pi = torch.log_softmax(fwd[Columns.ACTION_DIST_INPUTS], dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(dim=-1)
+    chosen = log_pi[torch.arange(3), batch[Columns.ACTIONS]]
+    weights = batch[DISCOUNTS]
+    advantages = batch[REWARD_ADVANTAGES] - tau * batch[LOGP_ADVANTAGES]
+    return (-(weights * chosen * advantages).mean() - tau * (weights * entropy).mean()).item()
+
+
+def test_loss_weights_each_step_by_its_discount():
+    """loss = -mean[gamma^j log pi(a|o) A] - tau mean[gamma^j H(pi(.|o))] on a hand batch,
+    with the soft advantage A = (R - b(R)) - tau (L - b(L))."""
     env = ResourceSelectionEnv({"num_agents": 10})
     config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
         .training(entropy_coeff=0.3, gamma=0.5)
     config.validate()
     learner = config.build_learner(env=env)
     module = learner.module["shared"]
-    observations = torch.as_tensor(np.stack([env.policy_inputs(np.full(4, 0.25))[o]
-                                             for o in (0, 1, 2)]))
-    batch = {Columns.OBS: observations, Columns.ACTIONS: torch.tensor([1, 0, 3]),
-             ADVANTAGES: torch.tensor([1.0, -2.0, 0.5]), SOFT_RETURNS: torch.zeros(3),
-             DISCOUNTS: torch.tensor([1.0, 0.5, 0.25])}
+    batch = hand_batch(env)
     fwd = module.forward_train(batch)
     loss = learner.compute_loss_for_module(module_id="shared", config=config, batch=batch,
                                            fwd_out=fwd)
-    log_pi = torch.log_softmax(fwd[Columns.ACTION_DIST_INPUTS], dim=-1)
-    entropy = -(log_pi.exp() * log_pi).sum(dim=-1)
-    chosen = log_pi[torch.arange(3), batch[Columns.ACTIONS]]
-    weights = batch[DISCOUNTS]
-    expected = -(weights * chosen * batch[ADVANTAGES]).mean() - 0.3 * (weights * entropy).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected_loss(fwd, batch, 0.3), rel=1e-6)
+
+
+def test_entropy_coeff_schedule_is_applied_in_agent_actions():
+    """entropy_coeff [[0, 0.4], [1000, 0.0]]: the loss uses 0.4 before any update, and after
+    an update at 500 agent actions the scheduler's 0.2 (logged as learners/shared/
+    entropy_coeff); at and past 1000 actions tau is 0 (the plain objective)."""
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    env = ResourceSelectionEnv({"num_agents": 10})
+    config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
+        .training(entropy_coeff=[[0, 0.4], [1000, 0.0]])
+    config.validate()
+    learner = config.build_learner(env=env)
+    module = learner.module["shared"]
+    batch = hand_batch(env)
+    for actions, tau in ((None, 0.4), (500, 0.2), (1000, 0.0), (5000, 0.0)):
+        if actions is not None:
+            learner.after_gradient_based_update(
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: actions})
+            assert learner.metrics.peek(("shared", "entropy_coeff")) == pytest.approx(tau)
+        fwd = module.forward_train(batch)
+        loss = learner.compute_loss_for_module(module_id="shared", config=config,
+                                               batch=batch, fwd_out=fwd)
+        assert loss.item() == pytest.approx(expected_loss(fwd, batch, tau), rel=1e-6)
