@@ -51,7 +51,7 @@ NAME = "tmf_sequential_vs_synchronous"
 SCHEDULES = ("all", "sequential")
 ROUNDS = 10
 EPISODES = 4
-EXACT_ITERATIONS = 600
+EXACT_ITERATIONS = 1000
 GAMES = {"resource_selection": ResourceSelectionEnv, "queueing": DynamicQueueingEnv}
 
 
