@@ -207,9 +207,13 @@ def test_per_type_mapping_and_population_view():
 
 
 def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
+    """Trains with an annealed tau (0.1 -> 0 over 60000 agent actions: 0.05 after the 30000
+    of 15 iterations), checkpoints and restores the exact metrics, the regularised
+    exploitability at the restored tau included."""
     config = TMFPGConfig().environment(
         ResourceSelectionEnv, env_config={"num_agents": 50, "activation": "all"}) \
-        .training(num_episodes_per_iteration=4).debugging(seed=1)
+        .training(num_episodes_per_iteration=4, entropy_coeff=[[0, 0.1], [60000, 0.0]]) \
+        .debugging(seed=1)
     algo = config.build_algo()
     try:
         results = [algo.train() for _ in range(15)]
@@ -219,6 +223,10 @@ def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
         last = results[-1]
         assert last["num_agent_actions_lifetime"] == 15 * 4 * 50 * 10
         assert last["learners"]["shared"]["entropy"] < np.log(4)
+        assert last["learners"]["shared"]["entropy_coeff"] == pytest.approx(0.05)
+        assert algo.current_entropy_coeff() == pytest.approx(0.05)
+        assert last["mean_field"]["exploitability_regularized"] \
+            != last["mean_field"]["exploitability"]
         runner_metrics = last["env_runners"]["mean_field"]
         assert 4.0 < runner_metrics["return_per_agent"] < 5.0
         assert 0.0 < runner_metrics["mu_l1_distance"] < 0.5
@@ -228,7 +236,9 @@ def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
         algo.stop()
     restored = type(algo).from_checkpoint(checkpoint)
     try:
+        assert restored.current_entropy_coeff() == pytest.approx(0.05)
         assert restored.exact_metrics() == pytest.approx(expected)
+        assert "exploitability_regularized" in expected
     finally:
         restored.stop()
 

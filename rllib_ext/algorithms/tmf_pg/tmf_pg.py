@@ -69,7 +69,7 @@ from rllib_ext.algorithms.tmf_pg.population import (
     population_flow,
     shared_policy_mapping,
 )
-from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ENTROPY_COEFF
+from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import schedule_value
 
 # Lifetime number of actions taken by all agents (the clock of TMF-PG's schedules).
 NUM_AGENT_ACTIONS_LIFETIME = "num_agent_actions_lifetime"
@@ -305,13 +305,12 @@ class TMFPG(Algorithm):
         return metrics
 
     def current_entropy_coeff(self) -> float:
-        """tau as the learner will use it next (its schedule's value after the last update,
-        read from the learner results), or the configured starting value before any."""
-        start = self.config.entropy_coeff
-        start = start[0][1] if isinstance(start, (list, tuple)) else start
-        values = [self.metrics.peek((LEARNER_RESULTS, module_id, ENTROPY_COEFF), default=start)
-                  for module_id in self.population.module_ids]
-        return float(max(values))
+        """tau as the learners use it next: the ``entropy_coeff`` schedule at the lifetime
+        number of agent actions, the count each learner's scheduler was last updated with
+        (the largest over modules)."""
+        actions = self.metrics.peek(NUM_AGENT_ACTIONS_LIFETIME, default=0)
+        return max(schedule_value(self.config.get_config_for_module(module_id).entropy_coeff,
+                                  actions) for module_id in self.population.module_ids)
 
     def _sample_episodes(self):
         runners = self.env_runner_group

@@ -29,6 +29,12 @@ DISCOUNTS = "activation_discounts"
 ENTROPY_COEFF = "entropy_coeff"
 
 
+def schedule_value(value_or_schedule, timestep: float) -> float:
+    """A fixed value, or a ``[[t, v], ...]`` schedule's piecewise-linear value at ``timestep``
+    (its last value past the end): what RLlib's ``Scheduler`` holds after ``update``."""
+    return float(Scheduler(value_or_schedule).update(timestep))
+
+
 class MeanFieldAdvantages(ConnectorV2):
     """Learner connector adding the columns ``reward_returns`` R, ``reward_advantages``
     R - b(R), ``logp_advantages`` L - b(L) and ``activation_discounts`` gamma^j; the loss
