@@ -6,6 +6,21 @@ from __future__ import annotations
 import os
 import time
 
+# TMF-PG's schedules in the benches: lr LR[0] -> LR[1] over the run; the entropy coefficient
+# starts at TAU[game] and falls linearly to 0 at ANNEAL_END of the run (0: no entropy term).
+# Queueing needs it: plain softmax policy gradient with the network stalls there near a
+# deterministic policy that is not an equilibrium (docs/tmf_pg.md).
+LR = (0.01, 0.001)
+TAU = {"resource_selection": 0.0, "queueing": 0.3}
+ANNEAL_END = 0.7
+
+
+def schedules(steps: int, tau: float) -> dict:
+    """TMF-PG's ``lr`` and ``entropy_coeff`` as [[t, value], ...] over ``steps`` (agent
+    actions for RLlib, gradient steps for ``exact_tmf_pg``)."""
+    return {"lr": [[0, LR[0]], [steps, LR[1]]],
+            "entropy_coeff": [[0, tau], [int(ANNEAL_END * steps), 0.0]] if tau else 0.0}
+
 
 def init_ray() -> None:
     import ray

@@ -22,6 +22,12 @@ exploitability <= 1e-2. The same comparison is repeated with exact-model TMF-PG
 bias), and a last table runs it with 1 and 5 inner steps per flow estimate at the same number
 of gradient steps.
 
+Both trainers anneal: lr 0.01 -> 0.001 over the run and, on queueing, the entropy
+coefficient tau 0.3 -> 0 over the first 70% of it (``tmf_common.TAU``; plain softmax policy gradient
+with the network stalls near a deterministic, non-equilibrium policy there, see
+``docs/tmf_pg.md``); the reported exploitability is always the unregularised one, and the
+last 30% of the run optimise the plain game.
+
     .venv/bin/python bench/tmf_sequential_vs_synchronous.py [--quick]
 """
 
@@ -36,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
-from tmf_common import init_ray, train  # noqa: E402
+from tmf_common import ANNEAL_END, LR, TAU, init_ray, schedules, train  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from rllib_ext.algorithms.tmf_pg import TMFPGConfig  # noqa: E402
@@ -45,16 +51,16 @@ NAME = "tmf_sequential_vs_synchronous"
 SCHEDULES = ("all", "sequential")
 ROUNDS = 10
 EPISODES = 4
-LR = (0.01, 0.001)
+EXACT_ITERATIONS = 1000
 GAMES = {"resource_selection": ResourceSelectionEnv, "queueing": DynamicQueueingEnv}
 
 
-def run(env_class, n: int, schedule: str, iterations: int, seed: int) -> list[dict]:
-    # lr 0.01 -> 0.001 over the run, in agent actions (the same clock for both schedules).
+def run(env_class, n: int, schedule: str, iterations: int, seed: int, tau: float) -> list[dict]:
+    # Schedules in agent actions (the same clock for both schedules).
     actions = iterations * EPISODES * n * ROUNDS
     config = TMFPGConfig().environment(
         env_class, env_config={"num_agents": n, "activation": schedule, "rounds": ROUNDS}) \
-        .training(lr=[[0, LR[0]], [actions, LR[1]]], num_episodes_per_iteration=EPISODES) \
+        .training(**schedules(actions, tau), num_episodes_per_iteration=EPISODES) \
         .debugging(seed=seed)
     return train(config, iterations, f"{env_class.__name__} {schedule}")
 
@@ -89,20 +95,22 @@ def build_module(env):
                         model_config={"hidden": [64, 64]}).build()
 
 
-def exact_run(env_class, n: int, schedule: str, iterations: int) -> dict:
-    """Exact-model TMF-PG (inner_updates 1, Adam lr 0.01) on one schedule's model:
-    J and exploitability of the final policy."""
+def exact_run(env_class, n: int, schedule: str, iterations: int, tau: float) -> dict:
+    """Exact-model TMF-PG (inner_updates 1, Adam, the run's lr and tau schedules in gradient
+    steps) on one schedule's model: J and exploitability of the final policy."""
     from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg
 
     env = env_class({"num_agents": n, "activation": schedule, "rounds": ROUNDS})
     start = time.perf_counter()
     history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
-                           iterations=iterations, lr=0.01, evaluate_every=iterations)
+                           iterations=iterations, **schedules(iterations, tau),
+                           evaluate_every=max(iterations // 6, 1))
     print(f"[exact {env_class.__name__} {schedule}] {history[-1]}, "
           f"{time.perf_counter() - start:.0f}s", flush=True)
     return {"value": history[-1]["value"], "exploitability": history[-1]["exploitability"],
             "initial_exploitability": history[0]["exploitability"],
-            "max_gap": history[-1]["max_gap"]}
+            "max_gap": history[-1]["max_gap"],
+            "curve": [(row["iteration"], row["exploitability"]) for row in history]}
 
 
 def inner_loop_study(steps: int) -> list[tuple]:
@@ -134,13 +142,16 @@ def main(argv=None) -> int:
     init_ray()
     n = 20 if args.quick else 50
     iterations = 12 if args.quick else 60
+    exact_iterations = 30 if args.quick else EXACT_ITERATIONS
     games = {"resource_selection": ResourceSelectionEnv} if args.quick else GAMES
 
-    flat, rows, histories = {"num_agents": n, "iterations": iterations}, [], {}
+    flat, rows, histories = {"num_agents": n, "iterations": iterations,
+                             "exact_iterations": exact_iterations,
+                             **{f"{game}_tau_start": tau for game, tau in TAU.items()}}, [], {}
     for game_name, env_class in games.items():
         finals = {}
         for schedule in SCHEDULES:
-            history = run(env_class, n, schedule, iterations, seed=0)
+            history = run(env_class, n, schedule, iterations, seed=0, tau=TAU[game_name])
             histories[(game_name, schedule)] = history
             last = history[-5:]
             finals[schedule] = {
@@ -178,7 +189,7 @@ def main(argv=None) -> int:
 
     exact_rows = []
     for game_name, env_class in games.items():
-        runs = {schedule: exact_run(env_class, n, schedule, 30 if args.quick else 300)
+        runs = {schedule: exact_run(env_class, n, schedule, exact_iterations, TAU[game_name])
                 for schedule in SCHEDULES}
         sync, seq = runs["all"], runs["sequential"]
         return_gap = abs(seq["value"] - sync["value"]) / abs(sync["value"])
@@ -186,7 +197,8 @@ def main(argv=None) -> int:
         exploitability_gap = abs(seq["exploitability"] - sync["exploitability"]) / scale
         for schedule, run_ in runs.items():
             for key, value in run_.items():
-                flat[f"exact_{game_name}_{schedule}_{key}"] = round(value, 5)
+                if key != "curve":
+                    flat[f"exact_{game_name}_{schedule}_{key}"] = round(value, 5)
         flat[f"exact_{game_name}_value_relative_gap"] = round(return_gap, 4)
         flat[f"exact_{game_name}_exploitability_gap_relative_to_initial"] = round(
             exploitability_gap, 4)
@@ -219,15 +231,16 @@ def main(argv=None) -> int:
                      f"{100 * exploitability_gap:.1f}% of start | | "
                      f"{100 * equilibrium_gap:.1f}% | |")
     table += ["", f"Exact-model TMF-PG (N -> infinity model of each schedule, alpha = 1 vs "
-              f"1/{n}), {30 if args.quick else 300} iterations:", "",
-              "| game | schedule | exploitability (start -> end) | max per-state gap | J |",
-              "|---|---|---|---|---|"]
+              f"1/{n}), {exact_iterations} iterations of one gradient step:", "",
+              "| game | schedule | tau start | exploitability along the run (iteration: value) "
+              "| max per-state gap | J |",
+              "|---|---|---|---|---|---|"]
     for game_name, sync, seq, return_gap, exploitability_gap in exact_rows:
         for schedule, final in (("all", sync), ("sequential", seq)):
-            table.append(f"| {game_name} | {schedule} | {final['initial_exploitability']:.3f} "
-                         f"-> {final['exploitability']:.4f} | {final['max_gap']:.3f} | "
-                         f"{final['value']:.4f} |")
-        table.append(f"| {game_name} | gap | {100 * exploitability_gap:.2f}% of start | | "
+            curve = ", ".join(f"{it}: {value:.4f}" for it, value in final["curve"])
+            table.append(f"| {game_name} | {schedule} | {TAU[game_name]:g} | {curve} | "
+                         f"{final['max_gap']:.3f} | {final['value']:.4f} |")
+        table.append(f"| {game_name} | gap | | {100 * exploitability_gap:.2f}% of start | | "
                      f"{100 * return_gap:.2f}% |")
     table += ["", "Exact-model TMF-PG, all agents acting, same number of gradient steps:", "",
               "| game | inner_updates | lr (Adam) | exploitability at half | at the end |",
@@ -238,8 +251,10 @@ def main(argv=None) -> int:
         f"N = {n} agents, rounds = {ROUNDS} (all: H = {ROUNDS} env steps of {n} actions; "
         f"sequential: H = {ROUNDS * n} env steps of 1 action, each 1/{n} of a round), "
         f"{EPISODES} episodes per iteration, {iterations} iterations, inner_updates 1, "
-        f"lr {LR[0]} -> {LR[1]} (linear in agent actions), no entropy term, [64, 64] policy "
-        "on [onehot(o), mu], seed 0.",
+        f"lr {LR[0]} -> {LR[1]} (linear in agent actions), entropy coefficient "
+        f"{', '.join(f'{g} {t:g}' for g, t in TAU.items())} annealed linearly to 0 at "
+        f"{ANNEAL_END:.0%} of the run (the exact-model runs: the same schedules over their "
+        "gradient steps), [64, 64] policy on [onehot(o), mu], seed 0.",
         "Exploitability is exact and unregularised (mean-field model of each schedule, "
         "sum_o mu_0(o) (W* - W^pi)_0(o)); the return is sampled from the N-agent episodes. "
         "`last 5` is the mean of the last five iterations, `last` the final policy.",

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
-from tmf_common import init_ray, train  # noqa: E402
+from tmf_common import ANNEAL_END, TAU, init_ray, schedules, train  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from rllib_ext.algorithms.tmf_pg import TMFPGConfig  # noqa: E402
@@ -60,10 +60,10 @@ def ppo_config(env_class, env_config: dict, seed: int):
             .debugging(seed=seed))
 
 
-def tmf_config(env_class, env_config: dict, iterations: int, seed: int):
+def tmf_config(env_class, env_config: dict, iterations: int, seed: int, tau: float):
     actions = iterations * EPISODES * N * ROUNDS
     return TMFPGConfig().environment(env_class, env_config=env_config) \
-        .training(lr=[[0, 0.01], [actions, 0.001]],
+        .training(**schedules(actions, tau),
                   num_episodes_per_iteration=EPISODES).debugging(seed=seed)
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     init_ray()
-    iterations = 12 if args.quick else 40
+    iterations = 12 if args.quick else 100
     games = {"resource_selection": ResourceSelectionEnv}
     if not args.quick:
         games["queueing"] = DynamicQueueingEnv
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     for game_name, env_class in games.items():
         base = {"num_agents": N, "activation": "all", "rounds": ROUNDS}
         runs = {
-            "TMF-PG": tmf_config(env_class, base, iterations, seed=0),
+            "TMF-PG": tmf_config(env_class, base, iterations, seed=0, tau=TAU[game_name]),
             "PPO": ppo_config(env_class, {**base, "observe_mu": False}, seed=0),
         }
         if not args.quick:
@@ -131,7 +131,9 @@ def main(argv=None) -> int:
         f"N = {N}, all agents act at every step, rounds = {ROUNDS} (H = {ROUNDS}), "
         f"{EPISODES} episodes ({EPISODES * N * ROUNDS} agent actions) per iteration, "
         f"{iterations} iterations for every algorithm (same env steps).",
-        "TMF-PG: lr 0.01 -> 0.001, no entropy term, one gradient step per iteration "
+        "TMF-PG: lr 0.01 -> 0.001, entropy coefficient "
+        f"{', '.join(f'{g} {t:g}' for g, t in TAU.items())} annealed linearly to 0 at "
+        f"{ANNEAL_END:.0%} of the run (in agent actions), one gradient step per iteration "
         "(inner_updates 1). PPO: "
         "RLlib defaults except lr 1e-3, gamma 1, 6 epochs of minibatches of 1000 agent "
         "steps, entropy 0, its default [256, 256] networks with a value head.",

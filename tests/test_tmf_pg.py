@@ -18,14 +18,8 @@ from rllib_ext.algorithms.tmf_pg.exact import (
 from rllib_ext.algorithms.tmf_pg.population import AgentTypeMapping, PopulationView
 from rllib_ext.algorithms.tmf_pg.torch.tmf_pg_torch_rl_module import TMFPGTorchRLModule
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny networks: thread hand-offs cost more than the math on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: thread hand-offs cost more than the math on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_module(env, seed=0):
@@ -127,6 +121,9 @@ def test_exact_inner_steps_leave_the_fixed_flow_untouched():
 
 @pytest.mark.parametrize("settings,match", [
     ({"entropy_coeff": -0.1}, r"TMFPGConfig.entropy_coeff: got -0.1; use a number >= 0"),
+    ({"entropy_coeff": [[0, 0.1], [100, -0.1]]}, r"TMFPGConfig.entropy_coeff: got .*schedule"),
+    ({"entropy_coeff": [[10, 0.1], [100, 0.0]]}, r"TMFPGConfig.entropy_coeff: got .*schedule"),
+    ({"entropy_coeff": [[0, 0.1]]}, r"TMFPGConfig.entropy_coeff"),
     ({"inner_updates": 0}, r"TMFPGConfig.inner_updates: got 0; use an integer >= 1"),
     ({"num_episodes_per_iteration": 0},
      r"TMFPGConfig.num_episodes_per_iteration: got 0; use an integer >= 1"),
@@ -210,9 +207,13 @@ def test_per_type_mapping_and_population_view():
 
 
 def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
+    """Trains with an annealed tau (0.1 -> 0 over 60000 agent actions: 0.05 after the 30000
+    of 15 iterations), checkpoints and restores the exact metrics, the regularised
+    exploitability at the restored tau included."""
     config = TMFPGConfig().environment(
         ResourceSelectionEnv, env_config={"num_agents": 50, "activation": "all"}) \
-        .training(num_episodes_per_iteration=4).debugging(seed=1)
+        .training(num_episodes_per_iteration=4, entropy_coeff=[[0, 0.1], [60000, 0.0]]) \
+        .debugging(seed=1)
     algo = config.build_algo()
     try:
         results = [algo.train() for _ in range(15)]
@@ -222,6 +223,10 @@ def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
         last = results[-1]
         assert last["num_agent_actions_lifetime"] == 15 * 4 * 50 * 10
         assert last["learners"]["shared"]["entropy"] < np.log(4)
+        assert last["learners"]["shared"]["entropy_coeff"] == pytest.approx(0.05)
+        assert algo.current_entropy_coeff() == pytest.approx(0.05)
+        assert last["mean_field"]["exploitability_regularized"] \
+            != last["mean_field"]["exploitability"]
         runner_metrics = last["env_runners"]["mean_field"]
         assert 4.0 < runner_metrics["return_per_agent"] < 5.0
         assert 0.0 < runner_metrics["mu_l1_distance"] < 0.5
@@ -231,7 +236,9 @@ def test_tmf_pg_trains_and_checkpoints(ray_session, tmp_path):
         algo.stop()
     restored = type(algo).from_checkpoint(checkpoint)
     try:
+        assert restored.current_entropy_coeff() == pytest.approx(0.05)
         assert restored.exact_metrics() == pytest.approx(expected)
+        assert "exploitability_regularized" in expected
     finally:
         restored.stop()
 
@@ -279,29 +286,99 @@ def test_tuned_examples_validate():
     assert len(env_config["activation"]["grid_search"]) == 4
 
 
-def test_loss_weights_each_step_by_its_discount():
-    """loss = -mean[gamma^j log pi(a|o) A] - tau mean[gamma^j H(pi(.|o))] on a hand batch."""
+def hand_batch(env):
     from ray.rllib.core.columns import Columns
 
-    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import ADVANTAGES, DISCOUNTS, SOFT_RETURNS
+    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import (
+        DISCOUNTS,
+        LOGP_ADVANTAGES,
+        REWARD_ADVANTAGES,
+        REWARD_RETURNS,
+    )
 
+    observations = torch.as_tensor(np.stack([env.policy_inputs(np.full(4, 0.25))[o]
+                                             for o in (0, 1, 2)]))
+    return {Columns.OBS: observations, Columns.ACTIONS: torch.tensor([1, 0, 3]),
+            REWARD_ADVANTAGES: torch.tensor([1.0, -2.0, 0.5]),
+            LOGP_ADVANTAGES: torch.tensor([-0.5, 1.0, 2.0]), REWARD_RETURNS: torch.zeros(3),
+            DISCOUNTS: torch.tensor([1.0, 0.5, 0.25])}
+
+
+def expected_loss(fwd, batch, tau):
+    """-mean[gamma^j log pi(a|o) ((R - b(R)) - tau (L - b(L)))] - tau mean[gamma^j H]."""
+    from ray.rllib.core.columns import Columns
+
+    from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import (
+        DISCOUNTS,
+        LOGP_ADVANTAGES,
+        REWARD_ADVANTAGES,
+    )
+
+    log_pi = torch.log_softmax(fwd[Columns.ACTION_DIST_INPUTS], dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(dim=-1)
+    chosen = log_pi[torch.arange(3), batch[Columns.ACTIONS]]
+    weights = batch[DISCOUNTS]
+    advantages = batch[REWARD_ADVANTAGES] - tau * batch[LOGP_ADVANTAGES]
+    return (-(weights * chosen * advantages).mean() - tau * (weights * entropy).mean()).item()
+
+
+def test_loss_weights_each_step_by_its_discount():
+    """loss = -mean[gamma^j log pi(a|o) A] - tau mean[gamma^j H(pi(.|o))] on a hand batch,
+    with the soft advantage A = (R - b(R)) - tau (L - b(L))."""
     env = ResourceSelectionEnv({"num_agents": 10})
     config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
         .training(entropy_coeff=0.3, gamma=0.5)
     config.validate()
     learner = config.build_learner(env=env)
     module = learner.module["shared"]
-    observations = torch.as_tensor(np.stack([env.policy_inputs(np.full(4, 0.25))[o]
-                                             for o in (0, 1, 2)]))
-    batch = {Columns.OBS: observations, Columns.ACTIONS: torch.tensor([1, 0, 3]),
-             ADVANTAGES: torch.tensor([1.0, -2.0, 0.5]), SOFT_RETURNS: torch.zeros(3),
-             DISCOUNTS: torch.tensor([1.0, 0.5, 0.25])}
+    batch = hand_batch(env)
     fwd = module.forward_train(batch)
     loss = learner.compute_loss_for_module(module_id="shared", config=config, batch=batch,
                                            fwd_out=fwd)
-    log_pi = torch.log_softmax(fwd[Columns.ACTION_DIST_INPUTS], dim=-1)
-    entropy = -(log_pi.exp() * log_pi).sum(dim=-1)
-    chosen = log_pi[torch.arange(3), batch[Columns.ACTIONS]]
-    weights = batch[DISCOUNTS]
-    expected = -(weights * chosen * batch[ADVANTAGES]).mean() - 0.3 * (weights * entropy).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected_loss(fwd, batch, 0.3), rel=1e-6)
+
+
+def test_entropy_coeff_schedule_is_applied_in_agent_actions():
+    """entropy_coeff [[0, 0.4], [1000, 0.0]]: the loss uses 0.4 before any update, and after
+    an update at 500 agent actions the scheduler's 0.2 (logged as learners/shared/
+    entropy_coeff); at and past 1000 actions tau is 0 (the plain objective)."""
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    env = ResourceSelectionEnv({"num_agents": 10})
+    config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10}) \
+        .training(entropy_coeff=[[0, 0.4], [1000, 0.0]])
+    config.validate()
+    learner = config.build_learner(env=env)
+    module = learner.module["shared"]
+    batch = hand_batch(env)
+    for actions, tau in ((None, 0.4), (500, 0.2), (1000, 0.0), (5000, 0.0)):
+        if actions is not None:
+            learner.after_gradient_based_update(
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: actions})
+            assert learner.metrics.peek(("shared", "entropy_coeff")) == pytest.approx(tau)
+        fwd = module.forward_train(batch)
+        loss = learner.compute_loss_for_module(module_id="shared", config=config,
+                                               batch=batch, fwd_out=fwd)
+        assert loss.item() == pytest.approx(expected_loss(fwd, batch, tau), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_exact_tmf_pg_with_annealed_entropy_reaches_the_queueing_equilibrium():
+    """Queueing, all acting: plain softmax policy gradient with the network stalls near a
+    deterministic policy (exploitability ~0.04 after 400 steps); tau 0.3 annealed to 0 at
+    70% of 1000 steps (lr 0.01 -> 0.001) ends below 1e-2, unregularised. The history reports
+    the schedules' values."""
+    env = DynamicQueueingEnv({"num_agents": 50, "activation": "all", "rounds": 10})
+    model = env.mean_field_model()
+    plain = exact_tmf_pg(model, build_module(env), env.policy_inputs, iterations=400,
+                         lr=0.01, evaluate_every=400)
+    annealed = exact_tmf_pg(model, build_module(env), env.policy_inputs, iterations=1000,
+                            lr=[[0, 0.01], [1000, 0.001]],
+                            entropy_coeff=[[0, 0.3], [700, 0.0]], evaluate_every=350)
+    assert plain[-1]["exploitability"] > 0.03
+    assert [row["iteration"] for row in annealed] == [0, 350, 700, 1000]
+    assert annealed[1]["entropy_coeff"] == pytest.approx(0.15)
+    assert annealed[1]["lr"] == pytest.approx(0.01 - 0.009 * 0.35)
+    assert annealed[1]["exploitability_regularized"] != annealed[1]["exploitability"]
+    assert annealed[-1]["entropy_coeff"] == 0.0
+    assert annealed[-1]["exploitability"] < 0.01

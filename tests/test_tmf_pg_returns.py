@@ -7,23 +7,27 @@ from rllib_ext.algorithms.tmf_pg.returns import (
     activation_discounts,
     baseline_groups,
     leave_one_out_baseline,
-    soft_returns_to_go,
+    returns_to_go,
 )
 
 
 @pytest.mark.parametrize("gamma,tau", [(1.0, 0.0), (0.9, 0.0), (1.0, 0.1), (0.95, 0.5)])
 def test_soft_returns_to_go_match_the_double_sum(gamma, tau):
+    """G_j = R_j - tau L_j is the soft return r_j + sum_{j' > j} gamma^(j'-j) (r_j' - tau
+    logp_j')."""
     rng = np.random.default_rng(0)
     rewards, logps = rng.normal(size=7), -rng.random(7) * 2
     expected = [rewards[j] + sum(gamma ** (k - j) * (rewards[k] - tau * logps[k])
                                  for k in range(j + 1, 7)) for j in range(7)]
-    np.testing.assert_allclose(soft_returns_to_go(rewards, logps, gamma, tau), expected)
+    reward_to_go, logp_to_go = returns_to_go(rewards, logps, gamma)
+    np.testing.assert_allclose(reward_to_go - tau * logp_to_go, expected)
 
 
-def test_soft_returns_by_hand():
-    # G_1 = 2; G_0 = 1 + (2 - 0.5 * log 0.5)
-    returns = soft_returns_to_go([1.0, 2.0], [np.log(0.25), np.log(0.5)], 1.0, 0.5)
-    np.testing.assert_allclose(returns, [1.0 + 2.0 - 0.5 * np.log(0.5), 2.0])
+def test_returns_to_go_by_hand():
+    # R = [1 + 2, 2]; L = [log 0.5, 0]: the last step's own log-prob is not in its return.
+    reward_to_go, logp_to_go = returns_to_go([1.0, 2.0], [np.log(0.25), np.log(0.5)], 1.0)
+    np.testing.assert_allclose(reward_to_go, [3.0, 2.0])
+    np.testing.assert_allclose(logp_to_go, [np.log(0.5), 0.0])
 
 
 def test_leave_one_out_baseline_matches_a_loop():

@@ -6,7 +6,10 @@ model (``flow_and_kernels``). Inner loop: ``inner_updates`` optimizer steps on
 -J_tau(pi_theta; mu-hat), the value of the network policy against the *fixed* mu-hat (policy
 inputs and kernels built from mu-hat once per outer iteration; nothing in the inner loop
 touches them). ``inner_updates = 1`` is one gradient step per flow, the round-1 variant.
-Tests use it to check convergence to the equilibrium, benches as a reference.
+``lr`` and ``entropy_coeff`` take a number or a schedule ``[[step, value], ...]``
+(piecewise linear in gradient steps, RLlib's format), e.g. tau annealed to 0 while the lr
+decays, as the RLlib algorithm does in agent actions. Tests use it to check convergence to
+the equilibrium, benches as a reference.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
+from ray.rllib.utils.schedules.scheduler import Scheduler
 
 from envs.mean_field.model import Kernels, MeanFieldModel, flow_and_kernels, kernels_along
 
@@ -68,25 +72,32 @@ def regularized_value(flow: FixedFlow, module, entropy_coeff: float) -> torch.Te
     return flow.mu0 @ values
 
 
-def exact_tmf_pg(model: MeanFieldModel, module, policy_inputs, *, iterations: int, lr: float,
-                 inner_updates: int = 1, entropy_coeff: float = 0.0,
+def exact_tmf_pg(model: MeanFieldModel, module, policy_inputs, *, iterations: int, lr,
+                 inner_updates: int = 1, entropy_coeff=0.0,
                  evaluate_every: int = 1, on_inner_step=None) -> list[dict]:
     """Run exact-model TMF-PG on ``module`` (updated in place) with Adam for ``iterations``
-    outer iterations of ``inner_updates`` steps each; returns the history of {iteration,
-    exploitability, exploitability_regularized, value, max_gap} (evaluated every
-    ``evaluate_every`` outer iterations and at the end). ``on_inner_step(flow)`` (tests)
-    sees the fixed flow of every inner step."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    outer iterations of ``inner_updates`` steps each (``lr``, ``entropy_coeff``: a number or
+    a ``[[step, value], ...]`` schedule over gradient steps); returns the history of
+    {iteration, lr, entropy_coeff, exploitability, exploitability_regularized, value,
+    max_gap} (evaluated every ``evaluate_every`` outer iterations and at the end, with the
+    lr and tau of the next step). ``on_inner_step(flow)`` (tests) sees the fixed flow of
+    every inner step."""
+    lr_schedule, tau_schedule = Scheduler(lr), Scheduler(entropy_coeff)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr_schedule.update(0))
     policy = network_policy(module, policy_inputs)
     history = []
+    step = 0
     for iteration in range(iterations + 1):
+        tau = tau_schedule.update(step)
         if iteration % evaluate_every == 0 or iteration == iterations:
             plain = model.evaluate(policy)
             history.append({
                 "iteration": iteration,
+                "lr": lr_schedule.update(step),
+                "entropy_coeff": tau,
                 "exploitability": plain.exploitability,
-                "exploitability_regularized": model.exploitability(policy, entropy_coeff)
-                if entropy_coeff else plain.exploitability,
+                "exploitability_regularized": model.exploitability(policy, tau)
+                if tau else plain.exploitability,
                 "value": plain.value,
                 "max_gap": plain.max_gap,
             })
@@ -97,8 +108,11 @@ def exact_tmf_pg(model: MeanFieldModel, module, policy_inputs, *, iterations: in
         for _ in range(inner_updates):
             if on_inner_step is not None:
                 on_inner_step(flow)
-            loss = -regularized_value(flow, module, entropy_coeff)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule.update(step)
+            loss = -regularized_value(flow, module, tau_schedule.update(step))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            step += 1
     return history

@@ -13,7 +13,11 @@ gradient is
 with the soft return-to-go of the steps *after* j estimated by -tau logp (an unbiased
 estimate of the entropy) and step j's own entropy differentiated exactly:
 
-    G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j')
+    G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j') = R_j - tau L_j,
+    R_j = sum_{j' >= j} gamma^(j' - j) r_j',      L_j = sum_{j' > j} gamma^(j' - j) logp_j'
+
+(:func:`returns_to_go` gives R and L, so that tau, which may follow a schedule, is applied
+where the loss is computed: the baseline below is linear, b(R - tau L) = b(R) - tau b(L)).
 
 The weight gamma^j (:func:`activation_discounts`) is what the exact gradient of J has and
 what the usual "discounted" policy-gradient estimators drop (for gamma < 1 they overweigh
@@ -27,17 +31,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def soft_returns_to_go(rewards: np.ndarray, logps: np.ndarray, gamma: float,
-                       entropy_coeff: float) -> np.ndarray:
-    """G_j = r_j + sum_{j' > j} gamma^(j' - j) (r_j' - tau logp_j') for one agent's steps."""
+def returns_to_go(rewards: np.ndarray, logps: np.ndarray,
+                  gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(R, L) for one agent's steps: R_j = sum_{j' >= j} gamma^(j' - j) r_j' and
+    L_j = sum_{j' > j} gamma^(j' - j) logp_j'; the soft return is G_j = R_j - tau L_j."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    soft = rewards - entropy_coeff * np.asarray(logps, dtype=np.float64)
-    returns = np.empty_like(rewards)
-    future = 0.0  # sum_{j' > j} gamma^(j' - j) soft_j'
+    logps = np.asarray(logps, dtype=np.float64)
+    reward_to_go, logp_to_go = np.empty_like(rewards), np.empty_like(rewards)
+    future_reward = future_logp = 0.0
     for j in range(len(rewards) - 1, -1, -1):
-        returns[j] = rewards[j] + future
-        future = gamma * (soft[j] + future)
-    return returns
+        reward_to_go[j] = future_reward = rewards[j] + gamma * future_reward
+        logp_to_go[j] = future_logp
+        future_logp = gamma * (logps[j] + future_logp)
+    return reward_to_go, logp_to_go
 
 
 def activation_discounts(length: int, gamma: float) -> np.ndarray:

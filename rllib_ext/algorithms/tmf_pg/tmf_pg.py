@@ -22,7 +22,7 @@ estimate (the round-1 algorithm).
 Result keys (besides RLlib's):
     mean_field/exploitability              sum_o mu_0(o) (W* - W^pi)_0(o), exact model
     mean_field/max_gap                     max_{t,o'} V*_t(o') - V^pi_t(o') (per-state form)
-    mean_field/exploitability_regularized  the same for J_tau (only with entropy_coeff > 0)
+    mean_field/exploitability_regularized  the same for J_tau at the current tau (when > 0)
     mean_field/value                       J(pi; mu^pi) of the current policy, exact model
     env_runners/mean_field/return_per_agent, reward_per_action, mu_l1_distance
         (per population episode; see ``env_runner.MeanFieldMetricsCallback``)
@@ -69,6 +69,7 @@ from rllib_ext.algorithms.tmf_pg.population import (
     population_flow,
     shared_policy_mapping,
 )
+from rllib_ext.algorithms.tmf_pg.tmf_pg_learner import schedule_value
 
 # Lifetime number of actions taken by all agents (the clock of TMF-PG's schedules).
 NUM_AGENT_ACTIONS_LIFETIME = "num_agent_actions_lifetime"
@@ -79,9 +80,12 @@ class TMFPGConfig(AlgorithmConfig):
 
     - ``inner_updates`` (>= 1, default 1): policy-gradient steps against each fixed flow
       estimate mu-hat (each on ``num_episodes_per_iteration`` fresh episodes).
-    - ``entropy_coeff`` (tau >= 0, default 0): entropy regularisation, optional; the games
-      here are monotone, which makes their equilibrium unique without it.
-      exploitability_regularized uses it.
+    - ``entropy_coeff`` (tau >= 0, default 0, or a schedule ``[[t, tau], ...]`` in agent
+      actions like ``lr``'s): entropy regularisation, optional; the games here are
+      monotone, which makes their equilibrium unique without it. Annealed to 0 it keeps
+      plain softmax policy gradient off the plateaus near deterministic policies (the
+      benches' setting, ``docs/tmf_pg.md``). exploitability_regularized uses its current
+      value.
     - ``num_episodes_per_iteration`` (>= 1, default 4): complete episodes per gradient step
       (one episode has about N * rounds agent actions under every schedule).
     - ``num_agent_types`` (>= 1, default 1): 1 = one shared module for all agents; K > 1 =
@@ -148,10 +152,28 @@ class TMFPGConfig(AlgorithmConfig):
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+
+        def is_schedule(value, allowed) -> bool:
+            """A number, or [[0, v_0], [t_1, v_1], ...] with increasing t; every v allowed."""
+            if is_number(value):
+                return allowed(value)
+            pairs = value if isinstance(value, (list, tuple)) else ()
+            if len(pairs) < 2 or not all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                         and is_number(pair[0]) and is_number(pair[1])
+                                         for pair in pairs):
+                return False
+            times = [pair[0] for pair in pairs]
+            return times[0] == 0 and all(b > a for a, b in zip(times, times[1:])) \
+                and all(allowed(pair[1]) for pair in pairs)
+
         tau = self.entropy_coeff
-        require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
-                and math.isfinite(tau) and tau >= 0, "entropy_coeff", f"got {tau!r}",
-                "use a number >= 0 (0: the plain game).")
+        require(is_schedule(tau, lambda value: value >= 0), "entropy_coeff", f"got {tau!r}",
+                "use a number >= 0 (0: the plain game) or a schedule [[0, tau_0], "
+                "[t_1, tau_1], ...] of such numbers, t in agent actions (e.g. tau annealed "
+                "to 0).")
         require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma",
                 f"got {self.gamma!r}", "use a number in (0, 1] (1 for the finite-horizon game).")
         for key, low in (("inner_updates", 1), ("num_episodes_per_iteration", 1),
@@ -276,10 +298,19 @@ class TMFPG(Algorithm):
             "max_gap": plain.max_gap,
             "value": plain.value,
         }
-        if self.config.entropy_coeff > 0:
+        tau = self.current_entropy_coeff()
+        if tau > 0:
             metrics["exploitability_regularized"] = self.population.evaluate(
-                self._evaluation_module, self.config.entropy_coeff).exploitability
+                self._evaluation_module, tau).exploitability
         return metrics
+
+    def current_entropy_coeff(self) -> float:
+        """tau as the learners use it next: the ``entropy_coeff`` schedule at the lifetime
+        number of agent actions, the count each learner's scheduler was last updated with
+        (the largest over modules)."""
+        actions = self.metrics.peek(NUM_AGENT_ACTIONS_LIFETIME, default=0)
+        return max(schedule_value(self.config.get_config_for_module(module_id).entropy_coeff,
+                                  actions) for module_id in self.population.module_ids)
 
     def _sample_episodes(self):
         runners = self.env_runner_group
