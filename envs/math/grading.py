@@ -9,8 +9,8 @@ comparison) can hang, and the only reliable interruption, SIGALRM, works in a ma
 callers are Ray workers and vLLM processes whose grading code may not run in the main thread.
 The exception is an answer that needs neither: a plain number read without math-verify (a
 ``plain`` completion's line, a GSM8K ``####`` line) against a plain-number gold answer is
-decided in the caller, with the child's rules (the embedded arithmetic task grades all its
-answers so, with no round trip to the child per answer).
+decided in the caller, with the child's rules (most of the embedded arithmetic task's
+answers; the others, e.g. a number followed by text, still go to the child).
 The child is a fresh interpreter (fork + immediate exec, like multiprocessing's "spawn"; a plain
 fork of a process with threads can deadlock), started lazily on first use and reused.
 
