@@ -1,20 +1,24 @@
-"""The demo end to end against the simplest peer: updates/s of the asynchronous VCPO demo
+"""The demo end to end against synchronous GRPO: updates/s of the asynchronous VCPO demo
 (tuned_examples/vcpo_math_tiny.yaml: one remote vLLM env runner, the learner in the driver,
-k = 4) vs a synchronous single-process GRPO loop on the same machine, same settings.
+k = 4) vs TRL's GRPOTrainer and vs a minimal synchronous GRPO loop, on the same machine, same
+settings, side by side in one run.
 
-The peer (``SyncGRPOLoop``) is what a user writes in one file: per update, 16 prompts of the
-arithmetic task x 8 samples with ``transformers.generate`` (batched, KV cache, temperature 1,
-<= 6 tokens) from the model being trained, answers graded by the same MathEnv checker, GRPO
-advantages (group mean / std) and the sequence-sum policy-gradient loss from
-``rllib_ext.algorithms.vcpo.losses``, one AdamW step (lr 1e-4, weight decay 0, grad clip 1.0).
-No Ray, no weight sync, no importance weights: on-policy, all in one process.
+The peers: TRL's ``GRPOTrainer`` (bench/trl_grpo_peer.py; left out with a note when TRL is
+not installed: ``pip install -e ".[bench]"``), and ``SyncGRPOLoop``, what a user writes in one
+file: per update, 16 prompts of the arithmetic task x 8 samples with ``transformers.generate``
+(batched, KV cache, temperature 1, <= 6 tokens) from the model being trained, answers graded by
+the same MathEnv checker, GRPO advantages (group mean / std) and the sequence-sum
+policy-gradient loss from ``rllib_ext.algorithms.vcpo.losses``, one AdamW step (lr 1e-4,
+weight decay 0, grad clip 1.0). No Ray, no weight sync, no importance weights: on-policy, all in
+one process.
 
-Both are built and warmed up first, then take turns in blocks of 10 updates (one demo
-iteration), ABBA order, held-out evaluation off for both (it costs both the same). Reported:
-the median over block pairs of (demo updates/s) / (loop updates/s), and the demo's time per
-update by phase (``vcpo/time_*_s`` and the env runner's metrics), and the CPU seconds each
-process spent per update (from /proc: on a shared machine, what the work costs, apart from
-waiting for a core), next to the figures of the run before the pipeline fixes (``BEFORE``).
+All are built and warmed up first, then take turns in blocks of 10 updates (one demo
+iteration), the order rotated each round, held-out evaluation off (it costs all the same).
+Reported: the median over rounds of (demo updates/s) / (peer updates/s), the demo's time per
+update by phase (``vcpo/time_*_s`` and the env runner's metrics), the CPU seconds each process
+spent per update (from /proc: on a shared machine, what the work costs, apart from waiting for
+a core) and the ratio those CPU seconds allow on 2 cores, next to the figures of the run before
+the pipeline fixes (``BEFORE``).
 
     .venv/bin/python bench/vcpo_vs_sync_loop.py [--quick]
 """
@@ -208,41 +212,69 @@ def loop_block(loop) -> dict:
             "load": os.getloadavg()[0]}
 
 
+def trl_block(peer) -> dict:
+    pids = {"children": [peer.grading_pid]}
+    cpu_started = process_cpu(pids)
+    block = peer.run_block(UPDATES_PER_BLOCK)
+    cpu = process_cpu(pids, cpu_started)
+    return {"updates_per_s": UPDATES_PER_BLOCK / block["seconds"], "seconds": block["seconds"],
+            "cpu_trainer_s": block["cpu_trainer_s"] / UPDATES_PER_BLOCK,
+            "cpu_children_s": cpu["children"] / UPDATES_PER_BLOCK, "load": os.getloadavg()[0]}
+
+
+def order(pair: int, kinds: list[str]) -> list[str]:
+    """The contenders' order in block round ``pair``: rotated each round, reversed every other
+    round, so that no contender always follows the same one."""
+    rotated = kinds[pair % len(kinds):] + kinds[:pair % len(kinds)]
+    return rotated if pair % 2 == 0 else rotated[::-1]
+
+
+def cpu_bound(flat: dict, peer: str) -> float:
+    """The most the demo can reach against ``peer`` on 2 cores: it cannot finish an update in
+    less than its CPU seconds per update (all its processes) / 2, while the peer takes its
+    measured seconds per update."""
+    return round(2 * flat[f"{peer}_s_per_update"] / flat["demo_cpu_total_s_per_update"], 2)
+
+
 def limits(flat: dict) -> str:
-    """What keeps the demo from 1.5x the loop, from this run's CPU figures."""
+    """What keeps the demo from 1.5x its peers, from this run's CPU figures."""
+    demo_total = flat["demo_cpu_total_s_per_update"]
     loop_total = flat["sync_loop_cpu_process_s_per_update"] + \
         flat["sync_loop_cpu_children_s_per_update"]
-    runner_total = flat["demo_cpu_runner_s_per_update"] + \
-        flat["demo_cpu_runner_children_s_per_update"]
     learner = flat["demo_cpu_learner_update_s_per_update"]
+    runner = flat["demo_cpu_runner_s_per_update"]
     return (
-        "What limits it: each of the demo's two pipelines costs about as much CPU per update "
-        f"as the loop's whole update ({loop_total:.3f} s with its grading): the driver "
-        f"{flat['demo_cpu_driver_s_per_update']:.3f} s, of which the learner update alone "
-        f"{learner:.3f} s ({learner / loop_total:.0%} of the loop's update; the VCPO step "
-        "computes exact per-trajectory gradient norms for OPOB, and RLlib's Learner.update "
-        "wraps it), and the env runner with its grading process "
-        f"{runner_total:.3f} s (vLLM generation of 128 x <= 6 tokens, the in-place weight "
-        "load after every update, episodes; grading answers math-verify must parse). The "
-        "part of the loop that overlapping can hide is small on this workload: "
-        f"transformers.generate takes {flat['sync_loop_cpu_generation_s_per_update']:.3f} s "
-        f"and the loop's plain GRPO step {flat['sync_loop_cpu_learning_step_s_per_update']:.3f}"
-        f" s. 1.5x would need both pipelines under {loop_total / 1.5:.3f} s per update, "
-        "less than the learner update alone.")
+        "What limits it: CPU. The demo spreads an update over two cores, but its processes "
+        f"together spend {demo_total:.3f} CPU s per update (driver "
+        f"{flat['demo_cpu_driver_s_per_update']:.3f}, of which the learner update "
+        f"{learner:.3f}; env runner {runner:.3f}, of which vLLM generation "
+        f"~{flat['demo_runner_generation_s_per_sample']:.3f} and the in-place weight load "
+        f"~{flat['demo_runner_weight_sync_s']:.3f}; grading "
+        f"{flat['demo_cpu_runner_children_s_per_update']:.3f}), against {loop_total:.3f} for "
+        "the minimal loop's whole update. So on 2 cores the demo can reach at most "
+        f"{flat['demo_over_sync_loop_cpu_bound']}x the minimal loop"
+        + (f" and {flat['demo_over_trl_cpu_bound']}x TRL" if "demo_over_trl_cpu_bound" in flat
+           else "") + " (2 x the peer's seconds per update / the demo's CPU seconds per "
+        "update). What the demo does beyond the minimal loop: vLLM's per-request scheduling "
+        "(on 6-token answers of a 0.45M-parameter model it generates slower than "
+        f"transformers.generate: {flat['demo_runner_generation_s_per_sample']:.3f} against "
+        f"{flat['sync_loop_cpu_generation_s_per_update']:.3f} s), a weight load into vLLM after "
+        "every update, exact per-trajectory gradient norms for OPOB, and Ray and RLlib "
+        "around both.")
 
 
-def plot(demo: list[dict], loop: list[dict]) -> None:
+def plot(rows: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    for rows, label, color in ((demo, "VCPO demo (async, vLLM runner)", "tab:blue"),
-                               (loop, "sync GRPO loop (transformers, 1 process)", "tab:gray")):
-        axis.plot(range(1, len(rows) + 1), [r["updates_per_s"] for r in rows], "o-",
-                  color=color, label=label)
-    axis.set_xlabel("block pair")
+    for kind, color in (("demo", "tab:blue"), ("trl", "tab:orange"), ("loop", "tab:gray")):
+        if rows.get(kind):
+            axis.plot(range(1, len(rows[kind]) + 1), [r["updates_per_s"] for r in rows[kind]],
+                      "o-", color=color, label=LABELS[kind])
+    axis.set_xlabel("block round")
     axis.set_ylabel("updates / s (128 trajectories each)")
     axis.set_ylim(bottom=0)
     axis.set_title("End to end, tiny recipe, 2 CPU cores (shared)")
@@ -251,59 +283,79 @@ def plot(demo: list[dict], loop: list[dict]) -> None:
     figure.savefig(RESULTS / f"{NAME}.png", dpi=120)
 
 
+LABELS = {"demo": "VCPO demo (async, vLLM runner)",
+          "trl": "TRL GRPOTrainer (sync, transformers)",
+          "loop": "minimal sync GRPO loop (transformers, 1 process)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
+    from trl_grpo_peer import TRLGRPOPeer, trl_available
 
     from rllib_ext import registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 block pairs")
+    parser.add_argument("--quick", action="store_true", help="2 block rounds")
     args = parser.parse_args(argv)
     pairs = 2 if args.quick else 10
     config = tiny_config(accuracy_eval_interval=0, updates_per_iteration=UPDATES_PER_BLOCK)
     # Ray starts its worker processes at nice 15 (RAY_worker_niceness) and the driver at 0:
     # on a loaded machine the demo's env runner then gets a sliver of a core while the driver
-    # and the loop (this process) get their full share. All processes compete alike here.
+    # and the peers (this process) get their full share. All processes compete alike here.
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
     registry.register_project_envs()
     algo = config.build_algo()
-    # One torch thread for the loop, as for the demo's learner: on this shared 2-core machine
+    # One torch thread for the peers, as for the demo's learner: on this shared 2-core machine
     # the loop with 2 threads ran 0.5 updates/s against 4.2 with one (interleaved, same
-    # process), so one thread is the peer's best setting here.
+    # process), so one thread is the peers' best setting here.
     torch.set_num_threads(1)
+    kinds = ["demo", "loop"]
+    blocks = {"demo": lambda: demo_block(algo, learner_cpu)}
     loop = SyncGRPOLoop(config)
+    blocks["loop"] = lambda: loop_block(loop)
+    if trl_available():
+        trl = TRLGRPOPeer(config, total_updates=(pairs + 1) * UPDATES_PER_BLOCK)
+        blocks["trl"] = lambda: trl_block(trl)
+        kinds.append("trl")
+    else:
+        print("TRL is not installed (pip install -e '.[bench]'): its row is left out.")
     learner_cpu = count_learner_cpu(algo)
-
-    def run(kind):
-        return demo_block(algo, learner_cpu) if kind == "demo" else loop_block(loop)
-
-    demo, sync = [], []
+    rows: dict[str, list[dict]] = {kind: [] for kind in kinds}
     try:
-        run("demo"), run("loop")  # warm-up
+        for kind in kinds:  # warm-up
+            blocks[kind]()
         for pair in range(pairs):
-            for kind in (("demo", "loop") if pair % 2 == 0 else ("loop", "demo")):
-                row = run(kind)
-                (demo if kind == "demo" else sync).append(row)
+            for kind in order(pair, kinds):
+                row = blocks[kind]()
+                rows[kind].append(row)
                 print(kind, {k: round(v, 4) for k, v in row.items()}, flush=True)
     finally:
         algo.stop()
         ray.shutdown()
-    ratios = [d["updates_per_s"] / s["updates_per_s"] for d, s in zip(demo, sync)]
+    demo, sync, trl_rows = rows["demo"], rows["loop"], rows.get("trl", [])
 
     def mean(rows, key):
         return statistics.mean(r[key] for r in rows)
 
+    def ratios(peer_rows):
+        return [d["updates_per_s"] / p["updates_per_s"] for d, p in zip(demo, peer_rows)]
+
+    def headline(peer, peer_rows, goal=None):
+        r = ratios(peer_rows)
+        return {f"{peer}_updates_per_s": round(mean(peer_rows, "updates_per_s"), 2),
+                f"{peer}_s_per_update": round(1 / mean(peer_rows, "updates_per_s"), 3),
+                f"demo_over_{peer}": round(statistics.median(r), 2),
+                f"demo_over_{peer}_min": round(min(r), 2),
+                f"demo_over_{peer}_max": round(max(r), 2),
+                **({f"goal_demo_over_{peer}": goal} if goal else {})}
+
     flat = {
         "demo_updates_per_s": round(mean(demo, "updates_per_s"), 2),
-        "sync_loop_updates_per_s": round(mean(sync, "updates_per_s"), 2),
         "demo_s_per_update": round(1 / mean(demo, "updates_per_s"), 3),
-        "sync_loop_s_per_update": round(1 / mean(sync, "updates_per_s"), 3),
-        "demo_over_sync_loop": round(statistics.median(ratios), 2),
-        "demo_over_sync_loop_min": round(min(ratios), 2),
-        "demo_over_sync_loop_max": round(max(ratios), 2),
-        "goal_demo_over_sync_loop": 1.5,
+        **(headline("trl", trl_rows, goal=1.5) if trl_rows else {}),
+        **headline("sync_loop", sync),
         **{f"demo_time_{p}_s": round(mean(demo, f"time_{p}_s"), 4) for p in PHASES},
         "demo_learner_busy": round(mean(demo, "learner_busy"), 3),
         "demo_runner_generation_s_per_sample": round(mean(demo, "runner_generation_s"), 4),
@@ -314,19 +366,25 @@ def main(argv: list[str] | None = None) -> int:
         "demo_cpu_learner_update_s_per_update": round(mean(demo, "cpu_learner_update_s"), 4),
         **{f"sync_loop_cpu_{name}_s_per_update": round(mean(sync, f"cpu_{name}_s"), 4)
            for name in ("process", "children", "generation", "learning_step")},
-        "load_average_median": round(statistics.median(r["load"] for r in demo + sync), 1),
+        **({f"trl_cpu_{name}_s_per_update": round(mean(trl_rows, f"cpu_{name}_s"), 4)
+            for name in ("trainer", "children")} if trl_rows else {}),
+        "load_average_median": round(statistics.median(
+            r["load"] for kind_rows in rows.values() for r in kind_rows), 1),
     }
-    # With a core each and no other load, each side runs at its CPU per update: the loop and
-    # its grading child in turn; the demo at its slower pipeline (the runner waits for its
-    # grading child; the driver trains).
-    flat["demo_over_sync_loop_from_cpu"] = round(
-        (flat["sync_loop_cpu_process_s_per_update"] + flat["sync_loop_cpu_children_s_per_update"])
-        / max(flat["demo_cpu_driver_s_per_update"], flat["demo_cpu_runner_s_per_update"]
-              + flat["demo_cpu_runner_children_s_per_update"]), 2)
+    flat["demo_cpu_total_s_per_update"] = round(sum(
+        flat[f"demo_cpu_{name}_s_per_update"] for name in ("driver", "runner",
+                                                           "runner_children")), 4)
+    flat["demo_over_sync_loop_cpu_bound"] = cpu_bound(flat, "sync_loop")
+    if trl_rows:
+        flat["demo_over_trl_cpu_bound"] = cpu_bound(flat, "trl")
+    peers = [("trl", trl_rows)] * bool(trl_rows) + [("sync_loop", sync)]
     table = markdown_table(
-        ["pair", "demo updates/s", "sync loop updates/s", "demo / loop"],
-        [[i + 1, f"{d['updates_per_s']:.2f}", f"{s['updates_per_s']:.2f}", f"{r:.2f}x"]
-         for i, (d, s, r) in enumerate(zip(demo, sync, ratios))])
+        ["round", "demo updates/s"] + [f"{p} updates/s" for p, _ in peers]
+        + [f"demo / {p}" for p, _ in peers],
+        [[i + 1, f"{d['updates_per_s']:.2f}"]
+         + [f"{rows_[i]['updates_per_s']:.2f}" for _, rows_ in peers]
+         + [f"{d['updates_per_s'] / rows_[i]['updates_per_s']:.2f}x" for _, rows_ in peers]
+         for i, d in enumerate(demo)])
 
     def row(label, key, digits=4):
         before = BEFORE.get(key)
@@ -335,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
 
     phase_table = markdown_table(
         ["per update", "before (ba02c42)", "now"],
-        [row("demo / sync loop (median, x)", "demo_over_sync_loop", 2),
+        [row("demo / minimal loop (median, x)", "demo_over_sync_loop", 2),
          row("demo: seconds per update", "demo_s_per_update", 3),
-         row("sync loop: seconds per update", "sync_loop_s_per_update", 3)]
+         row("minimal loop: seconds per update", "sync_loop_s_per_update", 3)]
         + [row(f"driver: {p.replace('_', ' ')}", f"demo_time_{p}_s") for p in PHASES]
         + [row("driver: episode fetch (separate get after the reply)",
                "demo_time_episode_fetch_s"),
@@ -347,39 +405,47 @@ def main(argv: list[str] | None = None) -> int:
            row("... of which vLLM generation", "demo_runner_generation_s_per_sample"),
            row("env runner: weight sync per update (overlaps the learner)",
                "demo_runner_weight_sync_s")])
-    cpu_table = markdown_table(
-        ["process", "CPU s per update"],
-        [["demo: driver (learner, Ray client)", f"{flat['demo_cpu_driver_s_per_update']:.4f}"],
-         ["... of which the learner update (RLlib's Learner.update: connector, VCPO step with "
-          "per-trajectory norms, optimiser; driver's main thread)",
-          f"{flat['demo_cpu_learner_update_s_per_update']:.4f}"],
-         ["demo: env runner (vLLM in-process, episodes, weight loads)",
-          f"{flat['demo_cpu_runner_s_per_update']:.4f}"],
-         ["demo: env runner's children (answer grading)",
-          f"{flat['demo_cpu_runner_children_s_per_update']:.4f}"],
-         ["sync loop: its process", f"{flat['sync_loop_cpu_process_s_per_update']:.4f}"],
-         ["... of which transformers.generate",
-          f"{flat['sync_loop_cpu_generation_s_per_update']:.4f}"],
-         ["... of which the learning step (pack, forward, backward, AdamW)",
-          f"{flat['sync_loop_cpu_learning_step_s_per_update']:.4f}"],
-         ["sync loop: its children (answer grading)",
-          f"{flat['sync_loop_cpu_children_s_per_update']:.4f}"]])
+    cpu_rows = [
+        ["demo: driver (learner, Ray client)", "demo_cpu_driver_s_per_update"],
+        ["... of which the learner update (RLlib's Learner.update: connector, VCPO step with "
+         "per-trajectory norms, optimiser; driver's main thread)",
+         "demo_cpu_learner_update_s_per_update"],
+        ["demo: env runner (vLLM in-process, episodes, weight loads)",
+         "demo_cpu_runner_s_per_update"],
+        ["demo: env runner's children (answer grading)",
+         "demo_cpu_runner_children_s_per_update"],
+        ["demo: all its processes", "demo_cpu_total_s_per_update"],
+        ["TRL: the trainer's thread (generation, rewards call, loss, backward, AdamW)",
+         "trl_cpu_trainer_s_per_update"],
+        ["TRL: its grading process", "trl_cpu_children_s_per_update"],
+        ["minimal loop: its process", "sync_loop_cpu_process_s_per_update"],
+        ["... of which transformers.generate", "sync_loop_cpu_generation_s_per_update"],
+        ["... of which the learning step (pack, forward, backward, AdamW)",
+         "sync_loop_cpu_learning_step_s_per_update"],
+        ["minimal loop: its children (answer grading)", "sync_loop_cpu_children_s_per_update"]]
+    cpu_table = markdown_table(["process", "CPU s per update"],
+                               [[label, f"{flat[key]:.4f}"] for label, key in cpu_rows
+                                if key in flat])
+    versus = (f"demo / TRL = {flat['demo_over_trl']}x (range {flat['demo_over_trl_min']}-"
+              f"{flat['demo_over_trl_max']}x; goal >= 1.5x); " if trl_rows else
+              "TRL was not installed, so its row is missing; ")
     notes = [
-        f"demo / loop = {flat['demo_over_sync_loop']}x, median over {pairs} block pairs "
-        f"(range {flat['demo_over_sync_loop_min']}-{flat['demo_over_sync_loop_max']}x; goal "
-        ">= 1.5x). A block = 10 updates of 16 prompts x 8 samples, <= 6 tokens, lr 1e-4.",
+        versus + f"demo / minimal loop = {flat['demo_over_sync_loop']}x (range "
+        f"{flat['demo_over_sync_loop_min']}-{flat['demo_over_sync_loop_max']}x); medians over "
+        f"{pairs} block rounds. A block = 10 updates of 16 prompts x 8 samples, <= 6 tokens, "
+        "lr 1e-4.",
         "Demo: tuned_examples/vcpo_math_tiny.yaml (VCPO, k = 4, OPOB with ghost norms, one "
         "remote vLLM env runner, learner in the driver with 1 torch thread), evaluation off. "
-        "Loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, 1 torch thread (its faster setting "
-        "on this shared machine: 2 threads measured 8x slower).",
+        "TRL: GRPOTrainer 1.16 (bench/trl_grpo_peer.py: the demo's batch, lr, clipping and "
+        "response length, one update per generation, no KL, TRL's defaults otherwise; "
+        "transformers.generate). Minimal loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, what a "
+        "user writes in one file (generate, grade, GRPO loss, AdamW). Both peers run in this "
+        "process with 1 torch thread (their faster setting on this shared machine: 2 threads "
+        "measured 8x slower), in blocks interleaved with the demo's (order rotated each round).",
         "The demo's time per update, by phase (driver side unless named; mean over the "
         "blocks), before and after the pipeline fixes:\n\n" + phase_table,
         "CPU seconds per update by process (from /proc; mean over the blocks): what the work "
-        "costs apart from waiting for a core. The demo can at best run at the larger of its "
-        "two pipelines' CPU per update (driver; runner plus grading) when each has a core to "
-        "itself:\n\n" + cpu_table + "\n\n  From these CPU figures, an unloaded machine would "
-        f"give demo / loop = {flat['demo_over_sync_loop_from_cpu']}x (loop CPU incl. its "
-        "grading / the demo's slower pipeline); an estimate, not a measurement.",
+        "costs apart from waiting for a core.\n\n" + cpu_table,
         limits(flat),
         "Changes since the 'before' column: the driver collects a finished sample as soon as it "
         "is done (RLlib's fetch waited for every in-flight request until its 50 ms timeout, "
@@ -387,15 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         "columns (no separate object and fetch; 62 instead of 142 KB, serialised in 1 instead "
         "of 10 ms), runner episodes are built in one constructor call, and the bench runs Ray's "
         "workers at the driver's niceness (Ray's default, 15, left the env runner a sliver of "
-        "a core on the loaded machine while the driver and the loop ran at 0).",
+        "a core on the loaded machine while the driver and the peers ran at 0).",
         "The 2-core machine was shared with other jobs during the run (load average, median "
-        f"over the blocks: {flat['load_average_median']}); blocks are interleaved (ABBA) so "
-        "that its drift hits both alike, but the demo needs both cores at once and the loop "
-        "one, so a loaded machine costs the demo more.",
+        f"over the blocks: {flat['load_average_median']}); blocks are interleaved so that its "
+        "drift hits all alike, but the demo needs both cores at once and the peers one, so a "
+        "loaded machine costs the demo more.",
     ]
-    plot(demo, sync)
-    write_results(NAME, flat, "End to end: the VCPO demo vs a synchronous GRPO loop", table,
-                  notes, args.quick)
+    plot(rows)
+    write_results(NAME, flat, "End to end: the VCPO demo vs synchronous GRPO (TRL and a "
+                  "minimal loop)", table, notes, args.quick)
     return 0
 
 
