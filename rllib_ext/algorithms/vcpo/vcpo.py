@@ -70,6 +70,9 @@ class VCPOConfig(LLMRolloutConfig):
         self.weight_decay = 0.1
         self.grad_clip = 1.0
         self.grad_clip_by = "global_norm"
+        # The learner skips a step whose gradient norm is not finite (VCPOTorchLearner), which
+        # is RLlib's skip semantics; RLlib's own per-parameter scan would only repeat it.
+        self.torch_skip_nan_gradients = True
         self.train_batch_size_per_learner = 64
         self.num_epochs = 1
         self.minibatch_size = None
