@@ -138,3 +138,36 @@ def test_oldest_first_is_feasible_whenever_any_order_is():
             all(first + i - v <= k for i, (v, _) in enumerate(order))
             for order in itertools.permutations(samples))
         assert schedule_is_feasible(samples, first, k, 4) == any_order
+
+
+class DriverLoop:
+    """What VCPO._wait_for_admissible_batch calls on its algorithm, recorded."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)  # next_batch() answers, in order
+        self.waits = []
+        self._staleness = self
+
+    def _collect(self, wait_s):
+        self.waits.append(wait_s)
+
+    def _launch(self):
+        pass
+
+    def next_batch(self):
+        return self.batches.pop(0)
+
+
+def test_the_driver_takes_a_buffered_batch_without_waiting_for_requests_in_flight():
+    from rllib_ext.algorithms.vcpo.vcpo import COLLECT_WAIT_S, VCPO
+
+    ready = DriverLoop(["batch"])
+    assert VCPO._wait_for_admissible_batch(ready) == "batch"
+    assert ready.waits == [0.0]
+    # Nothing admissible yet: later passes wait for a request in flight.
+    ready.in_flight, ready.batches = {0: [(0, 4)]}, [None, None, "batch"]
+    ready._watch = type("Watch", (), {"overdue": lambda self: None,
+                                      "busy_actor_ids": lambda self: []})()
+    ready.waits = []
+    assert VCPO._wait_for_admissible_batch(ready) == "batch"
+    assert ready.waits == [0.0, COLLECT_WAIT_S, COLLECT_WAIT_S]
