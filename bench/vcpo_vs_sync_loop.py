@@ -202,7 +202,6 @@ def loop_block(loop) -> dict:
     started = time.perf_counter()
     rewards = [loop.update() for _ in range(UPDATES_PER_BLOCK)]
     seconds = time.perf_counter() - started
-    # The bench's process also hosts the demo's driver, idle while the loop runs.
     cpu = process_cpu(pids, cpu_started)
     return {"updates_per_s": UPDATES_PER_BLOCK / seconds, "seconds": seconds,
             "reward": statistics.mean(rewards),
@@ -288,10 +287,34 @@ LABELS = {"demo": "VCPO demo (async, vLLM runner)",
           "loop": "minimal sync GRPO loop (transformers, 1 process)"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import ray
+def serve_peers(conn, total_updates: int) -> None:
+    """The peers' process: builds the minimal loop and (where TRL is installed) TRL's trainer,
+    sends the kinds it has, then runs one block per kind it receives and sends back its row.
+    The peers run apart from the demo's driver so that nothing the demo sets up in its process
+    (Ray, its learner, the engine's libraries) weighs on them."""
     import torch
     from trl_grpo_peer import TRLGRPOPeer, trl_available
+
+    # One torch thread, as for the demo's learner: on this shared 2-core machine the loop with
+    # 2 threads ran 0.5 updates/s against 4.2 with one, so one thread is the peers' best
+    # setting here.
+    torch.set_num_threads(1)
+    config = tiny_config(accuracy_eval_interval=0)
+    loop = SyncGRPOLoop(config)
+    blocks = {"loop": lambda: loop_block(loop)}
+    if trl_available():
+        trl = TRLGRPOPeer(config, total_updates=total_updates)
+        blocks["trl"] = lambda: trl_block(trl)
+    conn.send(list(blocks))
+    while (kind := conn.recv()) is not None:
+        conn.send(blocks[kind]())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import multiprocessing
+
+    import ray
+    import torch
 
     from rllib_ext import registry
 
@@ -299,39 +322,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 block rounds")
     args = parser.parse_args(argv)
     pairs = 2 if args.quick else 10
+    conn, peer_end = multiprocessing.Pipe()
+    peers = multiprocessing.get_context("spawn").Process(
+        target=serve_peers, args=(peer_end, (pairs + 1) * UPDATES_PER_BLOCK), daemon=True)
+    peers.start()
+    peer_kinds = conn.recv()
+    if "trl" not in peer_kinds:
+        print("TRL is not installed (pip install -e '.[bench]'): its row is left out.")
     config = tiny_config(accuracy_eval_interval=0, updates_per_iteration=UPDATES_PER_BLOCK)
     # Ray starts its worker processes at nice 15 (RAY_worker_niceness) and the driver at 0:
     # on a loaded machine the demo's env runner then gets a sliver of a core while the driver
-    # and the peers (this process) get their full share. All processes compete alike here.
+    # and the peers get their full share. All processes compete alike here.
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
     registry.register_project_envs()
     algo = config.build_algo()
-    # One torch thread for the peers, as for the demo's learner: on this shared 2-core machine
-    # the loop with 2 threads ran 0.5 updates/s against 4.2 with one (interleaved, same
-    # process), so one thread is the peers' best setting here.
     torch.set_num_threads(1)
-    kinds = ["demo", "loop"]
-    blocks = {"demo": lambda: demo_block(algo, learner_cpu)}
-    loop = SyncGRPOLoop(config)
-    blocks["loop"] = lambda: loop_block(loop)
-    if trl_available():
-        trl = TRLGRPOPeer(config, total_updates=(pairs + 1) * UPDATES_PER_BLOCK)
-        blocks["trl"] = lambda: trl_block(trl)
-        kinds.append("trl")
-    else:
-        print("TRL is not installed (pip install -e '.[bench]'): its row is left out.")
     learner_cpu = count_learner_cpu(algo)
+
+    def run(kind):
+        if kind == "demo":
+            return demo_block(algo, learner_cpu)
+        conn.send(kind)
+        return conn.recv()
+
+    kinds = ["demo", *peer_kinds]
     rows: dict[str, list[dict]] = {kind: [] for kind in kinds}
     try:
         for kind in kinds:  # warm-up
-            blocks[kind]()
+            run(kind)
         for pair in range(pairs):
             for kind in order(pair, kinds):
-                row = blocks[kind]()
+                row = run(kind)
                 rows[kind].append(row)
                 print(kind, {k: round(v, 4) for k, v in row.items()}, flush=True)
     finally:
+        conn.send(None)
+        peers.join(timeout=60)
         algo.stop()
         ray.shutdown()
     demo, sync, trl_rows = rows["demo"], rows["loop"], rows.get("trl", [])
@@ -439,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         "TRL: GRPOTrainer 1.16 (bench/trl_grpo_peer.py: the demo's batch, lr, clipping and "
         "response length, one update per generation, no KL, TRL's defaults otherwise; "
         "transformers.generate). Minimal loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, what a "
-        "user writes in one file (generate, grade, GRPO loss, AdamW). Both peers run in this "
-        "process with 1 torch thread (their faster setting on this shared machine: 2 threads "
-        "measured 8x slower), in blocks interleaved with the demo's (order rotated each round).",
+        "user writes in one file (generate, grade, GRPO loss, AdamW). Both peers run in a "
+        "process of their own (apart from the demo's driver: with the demo built in the same "
+        "process TRL measured up to 1.5x slower) with 1 torch thread (their faster setting on "
+        "this shared machine: 2 threads measured 8x slower), in blocks interleaved with the "
+        "demo's (order rotated each round).",
         "The demo's time per update, by phase (driver side unless named; mean over the "
         "blocks), before and after the pipeline fixes:\n\n" + phase_table,
         "CPU seconds per update by process (from /proc; mean over the blocks): what the work "
