@@ -70,13 +70,19 @@ class TRLGRPOPeer:
         self._permits = threading.Semaphore(0)
         self._finished: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        permits, finished = self._permits, self._finished
+        self._threads = [1]  # torch threads of the block being run
+        permits, finished, threads = self._permits, self._finished, self._threads
 
         class Gate(TrainerCallback):
-            """Each update waits for a permit; its CPU seconds (this thread) are reported."""
+            """Each update waits for a permit and runs with the block's torch threads; its CPU
+            seconds (this thread) are reported."""
 
             def on_step_begin(self, args, state, control, **kwargs):
+                import torch
+
                 permits.acquire()
+                if torch.get_num_threads() != threads[0]:
+                    torch.set_num_threads(threads[0])
                 self.started = time.thread_time()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -86,17 +92,10 @@ class TRLGRPOPeer:
             model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[math_answer],
             args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             callbacks=[Gate()])
-        import torch
-
-        self._thread = threading.Thread(target=self._train, args=(torch.get_num_threads(),),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._train, daemon=True)
         self._thread.start()
 
-    def _train(self, torch_threads: int):
-        import torch
-
-        # A new thread starts with OpenMP's default thread count, not the caller's setting.
-        torch.set_num_threads(torch_threads)
+    def _train(self):
         try:
             self.trainer.train()
         except BaseException as error:  # reported by run_block
@@ -107,9 +106,11 @@ class TRLGRPOPeer:
     def grading_pid(self) -> int | None:
         return self.env.checker.worker_pid
 
-    def run_block(self, updates: int) -> dict:
-        """Release ``updates`` updates and wait for them: wall seconds and the trainer
-        thread's CPU seconds (generation, rewards call, loss, backward, optimiser)."""
+    def run_block(self, updates: int, threads: int) -> dict:
+        """Release ``updates`` updates, run with ``threads`` torch threads (set in the trainer's
+        thread: a thread's setting is its own), and wait for them: wall seconds and the
+        trainer thread's CPU seconds (generation, rewards call, loss, backward, optimiser)."""
+        self._threads[0] = threads
         started = time.perf_counter()
         for _ in range(updates):
             self._permits.release()

@@ -35,6 +35,9 @@ from vcpo_common import tiny_config
 
 NAME = "vcpo_vs_sync_loop"
 UPDATES_PER_BLOCK = 10
+# The peers' torch threads: each round compares the demo with a peer's faster setting (one
+# thread wins on a loaded machine, two, torch's default here, on a quiet one).
+PEER_THREADS = (1, 2)
 PHASES = ("wait_for_samples", "learner_update", "weight_push")
 # The committed run before the pipeline fixes (commit ba02c42; its "episode fetch" phase, a
 # separate get of the episodes after the sample's reply, is gone: they come in the reply).
@@ -211,10 +214,10 @@ def loop_block(loop) -> dict:
             "load": os.getloadavg()[0]}
 
 
-def trl_block(peer) -> dict:
+def trl_block(peer, threads: int) -> dict:
     pids = {"children": [peer.grading_pid]}
     cpu_started = process_cpu(pids)
-    block = peer.run_block(UPDATES_PER_BLOCK)
+    block = peer.run_block(UPDATES_PER_BLOCK, threads)
     cpu = process_cpu(pids, cpu_started)
     return {"updates_per_s": UPDATES_PER_BLOCK / block["seconds"], "seconds": block["seconds"],
             "cpu_trainer_s": block["cpu_trainer_s"] / UPDATES_PER_BLOCK,
@@ -295,19 +298,21 @@ def serve_peers(conn, total_updates: int) -> None:
     import torch
     from trl_grpo_peer import TRLGRPOPeer, trl_available
 
-    # One torch thread, as for the demo's learner: on this shared 2-core machine the loop with
-    # 2 threads ran 0.5 updates/s against 4.2 with one, so one thread is the peers' best
-    # setting here.
-    torch.set_num_threads(1)
     config = tiny_config(accuracy_eval_interval=0)
     loop = SyncGRPOLoop(config)
-    blocks = {"loop": lambda: loop_block(loop)}
+
+    def loop_with(threads):
+        torch.set_num_threads(threads)
+        return loop_block(loop)
+
+    blocks = {"loop": loop_with}
     if trl_available():
-        trl = TRLGRPOPeer(config, total_updates=total_updates)
-        blocks["trl"] = lambda: trl_block(trl)
-    conn.send(list(blocks))
+        trl = TRLGRPOPeer(config, total_updates=total_updates * len(PEER_THREADS))
+        blocks["trl"] = lambda threads: trl_block(trl, threads)
+    conn.send([f"{peer}@{threads}" for peer in blocks for threads in PEER_THREADS])
     while (kind := conn.recv()) is not None:
-        conn.send(blocks[kind]())
+        peer, threads = kind.split("@")
+        conn.send(blocks[peer](int(threads)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         target=serve_peers, args=(peer_end, (pairs + 1) * UPDATES_PER_BLOCK), daemon=True)
     peers.start()
     peer_kinds = conn.recv()
-    if "trl" not in peer_kinds:
+    if not any(kind.startswith("trl@") for kind in peer_kinds):
         print("TRL is not installed (pip install -e '.[bench]'): its row is left out.")
     config = tiny_config(accuracy_eval_interval=0, updates_per_iteration=UPDATES_PER_BLOCK)
     # Ray starts its worker processes at nice 15 (RAY_worker_niceness) and the driver at 0:
@@ -361,7 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         peers.join(timeout=60)
         algo.stop()
         ray.shutdown()
-    demo, sync, trl_rows = rows["demo"], rows["loop"], rows.get("trl", [])
+
+    def fastest(peer):
+        """Per round, the peer's faster thread setting (its rows, tagged with the setting)."""
+        settings = [k for k in rows if k.startswith(f"{peer}@")]
+        return [max(({**rows[k][i], "threads": int(k.split("@")[1])} for k in settings),
+                    key=lambda r: r["updates_per_s"]) for i in range(pairs)] if settings else []
+
+    demo, sync, trl_rows = rows["demo"], fastest("loop"), fastest("trl")
 
     def mean(rows, key):
         return statistics.mean(r[key] for r in rows)
@@ -395,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
            for name in ("process", "children", "generation", "learning_step")},
         **({f"trl_cpu_{name}_s_per_update": round(mean(trl_rows, f"cpu_{name}_s"), 4)
             for name in ("trainer", "children")} if trl_rows else {}),
+        **{f"{peer}_{t}_threads_updates_per_s": round(mean(rows[f"{kind}@{t}"],
+                                                             "updates_per_s"), 2)
+           for peer, kind in (("trl", "trl"), ("sync_loop", "loop")) for t in PEER_THREADS
+           if f"{kind}@{t}" in rows},
+        **{f"{peer}_rounds_won_by_2_threads": sum(r["threads"] == 2 for r in peer_rows)
+           for peer, peer_rows in (("trl", trl_rows), ("sync_loop", sync)) if peer_rows},
         "load_average_median": round(statistics.median(
             r["load"] for kind_rows in rows.values() for r in kind_rows), 1),
     }
@@ -468,9 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         "transformers.generate). Minimal loop: bench/vcpo_vs_sync_loop.py SyncGRPOLoop, what a "
         "user writes in one file (generate, grade, GRPO loss, AdamW). Both peers run in a "
         "process of their own (apart from the demo's driver: with the demo built in the same "
-        "process TRL measured up to 1.5x slower) with 1 torch thread (their faster setting on "
-        "this shared machine: 2 threads measured 8x slower), in blocks interleaved with the "
-        "demo's (order rotated each round).",
+        "process TRL measured up to 1.5x slower), each with 1 and with 2 torch threads (one "
+        "block each per round); each round compares the demo with the peer's faster setting "
+        f"(2 threads won {flat['trl_rounds_won_by_2_threads'] if trl_rows else '-'} of "
+        f"{pairs} rounds for TRL, {flat['sync_loop_rounds_won_by_2_threads']} for the minimal "
+        "loop). All blocks are interleaved, the order rotated each round.",
         "The demo's time per update, by phase (driver side unless named; mean over the "
         "blocks), before and after the pipeline fixes:\n\n" + phase_table,
         "CPU seconds per update by process (from /proc; mean over the blocks): what the work "
@@ -488,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "drift hits all alike, but the demo needs both cores at once and the peers one, so a "
         "loaded machine costs the demo more.",
     ]
-    plot(rows)
+    plot({"demo": demo, "trl": trl_rows, "loop": sync})
     write_results(NAME, flat, "End to end: the VCPO demo vs synchronous GRPO (TRL and a "
                   "minimal loop)", table, notes, args.quick)
     return 0
