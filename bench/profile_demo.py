@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sampled each process's main thread at {RATE_HZ} Hz, waits included.",
         "The two processes overlap: the driver's 'waiting for a sample' is time the env runner "
         "has not finished the next sample; the env runner's idle time is time the driver has "
-        "not asked for one (it holds at most max_staleness samples ahead).",
+        "not asked for one (at most two requests wait on it, and the staleness bound admits no more).",
         *tables[1:],
         "The 2-core machine may be shared with other jobs; the shares are of this run.",
     ]
