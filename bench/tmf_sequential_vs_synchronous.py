@@ -26,7 +26,9 @@ Both trainers anneal: lr 0.01 -> 0.001 over the run and, on queueing, the entrop
 coefficient tau 0.3 -> 0 over the first 70% of it (``tmf_common.TAU``; plain softmax policy gradient
 with the network stalls near a deterministic, non-equilibrium policy there, see
 ``docs/tmf_pg.md``); the reported exploitability is always the unregularised one, and the
-last 30% of the run optimise the plain game.
+last 30% of the run optimise the plain game. On resource selection the env shows the policy
+mu magnified around uniform (``mu_scale`` 10, ``MU_SCALE``): on raw mu the one-acting exact
+run plateaus at exploitability ~0.014.
 
     .venv/bin/python bench/tmf_sequential_vs_synchronous.py [--quick]
 """
@@ -53,13 +55,24 @@ ROUNDS = 10
 EPISODES = 4
 EXACT_ITERATIONS = 1000
 GAMES = {"resource_selection": ResourceSelectionEnv, "queueing": DynamicQueueingEnv}
+# The env's mu_scale per game. Resource selection's policy must resolve moves of mu by a few
+# hundredths (one agent acting, 1000 exact steps: a [64, 64] net plateaus at exploitability
+# ~0.014 on raw mu and reaches 0.002-0.004 with s = 10); on queueing magnifying mu made the
+# exact runs worse (all acting: 0.005-0.014 over 4 seeds against 0.001-0.002).
+MU_SCALE = {"resource_selection": 10.0, "queueing": 1.0}
 
 
-def run(env_class, n: int, schedule: str, iterations: int, seed: int, tau: float) -> list[dict]:
+def env_config(game_name: str, n: int, schedule: str) -> dict:
+    return {"num_agents": n, "activation": schedule, "rounds": ROUNDS,
+            "mu_scale": MU_SCALE[game_name]}
+
+
+def run(game_name: str, n: int, schedule: str, iterations: int, seed: int) -> list[dict]:
     # Schedules in agent actions (the same clock for both schedules).
     actions = iterations * EPISODES * n * ROUNDS
+    env_class, tau = GAMES[game_name], TAU[game_name]
     config = TMFPGConfig().environment(
-        env_class, env_config={"num_agents": n, "activation": schedule, "rounds": ROUNDS}) \
+        env_class, env_config=env_config(game_name, n, schedule)) \
         .training(**schedules(actions, tau), num_episodes_per_iteration=EPISODES) \
         .debugging(seed=seed)
     return train(config, iterations, f"{env_class.__name__} {schedule}")
@@ -95,12 +108,13 @@ def build_module(env):
                         model_config={"hidden": [64, 64]}).build()
 
 
-def exact_run(env_class, n: int, schedule: str, iterations: int, tau: float) -> dict:
+def exact_run(game_name: str, n: int, schedule: str, iterations: int) -> dict:
     """Exact-model TMF-PG (inner_updates 1, Adam, the run's lr and tau schedules in gradient
     steps) on one schedule's model: J and exploitability of the final policy."""
     from rllib_ext.algorithms.tmf_pg.exact import exact_tmf_pg
 
-    env = env_class({"num_agents": n, "activation": schedule, "rounds": ROUNDS})
+    env_class, tau = GAMES[game_name], TAU[game_name]
+    env = env_class(env_config(game_name, n, schedule))
     start = time.perf_counter()
     history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
                            iterations=iterations, **schedules(iterations, tau),
@@ -120,7 +134,7 @@ def inner_loop_study(steps: int) -> list[tuple]:
 
     rows = []
     for game_name, env_class in GAMES.items():
-        env = env_class({"num_agents": 50, "rounds": ROUNDS})
+        env = env_class(env_config(game_name, 50, "all"))
         for inner, lr in ((1, 0.01), (5, 0.01), (5, 0.002)):
             outer = steps // inner
             history = exact_tmf_pg(env.mean_field_model(), build_module(env), env.policy_inputs,
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
     for game_name, env_class in games.items():
         finals = {}
         for schedule in SCHEDULES:
-            history = run(env_class, n, schedule, iterations, seed=0, tau=TAU[game_name])
+            history = run(game_name, n, schedule, iterations, seed=0)
             histories[(game_name, schedule)] = history
             last = history[-5:]
             finals[schedule] = {
@@ -197,8 +211,8 @@ def main(argv=None) -> int:
         rows.append((game_name, sync, seq, return_gap, exploitability_gap, equilibrium_gap))
 
     exact_rows = []
-    for game_name, env_class in games.items():
-        runs = {schedule: exact_run(env_class, n, schedule, exact_iterations, TAU[game_name])
+    for game_name in games:
+        runs = {schedule: exact_run(game_name, n, schedule, exact_iterations)
                 for schedule in SCHEDULES}
         sync, seq = runs["all"], runs["sequential"]
         return_gap, exploitability_gap, goals = claims(f"exact_{game_name}", sync, seq, "value",
@@ -259,7 +273,9 @@ def main(argv=None) -> int:
         f"lr {LR[0]} -> {LR[1]} (linear in agent actions), entropy coefficient "
         f"{', '.join(f'{g} {t:g}' for g, t in TAU.items())} annealed linearly to 0 at "
         f"{ANNEAL_END:.0%} of the run (the exact-model runs: the same schedules over their "
-        "gradient steps), [64, 64] policy on [onehot(o), mu], seed 0.",
+        "gradient steps), [64, 64] policy on [onehot(o), mu'] with mu' = 1/O + s (mu - 1/O), "
+        f"the env's mu_scale s: {', '.join(f'{g} {v:g}' for g, v in MU_SCALE.items())}; "
+        "seed 0.",
         "Exploitability is exact and unregularised (mean-field model of each schedule, "
         "sum_o mu_0(o) (W* - W^pi)_0(o)); the return is sampled from the N-agent episodes. "
         "`last 5` is the mean of the last five iterations, `last` the final policy.",

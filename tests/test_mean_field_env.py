@@ -60,6 +60,26 @@ def test_observation_is_onehot_then_population_distribution():
     assert next(iter(obs.values())).shape == (size,)
 
 
+def test_mu_scale_magnifies_mu_around_uniform():
+    """mu_scale s: the mu part is 1/O + s (mu - 1/O), in the env's observations and in
+    policy_inputs alike, inside the observation space; s = 1 is mu itself."""
+    env = ResourceSelectionEnv({"num_agents": 4, "mu_scale": 10.0})
+    mu = np.array([0.5, 0.25, 0.25, 0.0])
+    inputs = env.policy_inputs(mu)
+    # 0.25 + 10 * (0.5 - 0.25) = 2.75, 0.25 + 10 * (0 - 0.25) = -2.25
+    np.testing.assert_allclose(inputs[2], [0, 0, 1, 0, 2.75, 0.25, 0.25, -2.25])
+    space = env.observation_spaces["agent_0"]
+    assert space.low[4:].tolist() == [-2.25] * 4 and space.high[4:].tolist() == [7.75] * 4
+    assert all(space.contains(row) for row in inputs)
+    obs, _ = env.reset(seed=0)
+    own = env.simulator.observations[agent_index("agent_1")]
+    expected = [*np.eye(4)[own], *(0.25 + 10.0 * (env.mu - 0.25))]
+    np.testing.assert_allclose(obs["agent_1"], expected, atol=1e-6)
+    plain = ResourceSelectionEnv({"num_agents": 4}).policy_inputs(mu)
+    np.testing.assert_allclose(plain[2, 4:], mu)
+    assert ResourceSelectionEnv({"num_agents": 4}).observation_spaces["agent_0"].high.max() == 1
+
+
 def test_idle_agents_keep_their_observation_and_mu_history_is_recorded():
     env = ResourceSelectionEnv({"num_agents": 30, "activation": "k=3", "rounds": 1})
     env.reset(seed=4)
@@ -139,6 +159,7 @@ def test_actions_from_idle_agents_are_rejected_with_a_clear_error():
     ({"activation": "sequential=3"}, r"'sequential' takes no parameter"),
     ({"rounds": 0}, r"env_config\['rounds'\]: got 0; use a finite number > 0"),
     ({"observe_mu": "yes"}, r"env_config\['observe_mu'\]: got 'yes'; use true or false"),
+    ({"mu_scale": 0}, r"env_config\['mu_scale'\]: got 0; use a finite number > 0"),
     ({"congestion": -1}, r"env_config\['congestion'\]: got -1; use a finite number > 0"),
     ({"resource_values": [1.0]}, r"env_config\['resource_values'\]: got \[1.0\]; use a list"),
     ({"switching_cost": float("nan")}, r"env_config\['switching_cost'\]"),

@@ -415,9 +415,9 @@ class PopulationSimulator:
         self.mu_history[self.t] = self.counts / self.num_agents
         return rewards
 
-    def observation_matrix(self, agents: np.ndarray, with_mu: bool) -> np.ndarray:
+    def observation_matrix(self, agents: np.ndarray, mu_scale: float | None) -> np.ndarray:
         """The observations of ``agents`` as :func:`encode_observations` writes them."""
-        return encode_observations(self.observations[agents], self.mean_field, with_mu)
+        return encode_observations(self.observations[agents], self.mean_field, mu_scale)
 
 
 @functools.cache
@@ -425,12 +425,17 @@ def _identity(size: int) -> np.ndarray:
     return np.eye(size, dtype=np.float32)
 
 
-def encode_observations(observations: np.ndarray, mu: np.ndarray, with_mu: bool) -> np.ndarray:
-    """float32 [n, O] one-hot rows of ``observations``, followed by mu (-> [n, 2 O]) when
-    ``with_mu``: the vector an acting agent sees, [onehot(o_i), mu_t]."""
+def encode_observations(observations: np.ndarray, mu: np.ndarray,
+                        mu_scale: float | None) -> np.ndarray:
+    """float32 [n, O] one-hot rows of ``observations``, followed (-> [n, 2 O]) unless
+    ``mu_scale`` is None by mu's deviation from the uniform distribution magnified
+    ``mu_scale`` times around it: [onehot(o_i), 1/O + mu_scale (mu_t - 1/O)], the vector an
+    acting agent sees (``mu_scale`` 1: mu_t itself)."""
     size = len(mu)
     onehot = _identity(size)[observations]
-    if not with_mu:
+    if mu_scale is None:
         return onehot
+    features = mu if mu_scale == 1.0 else 1.0 / size + mu_scale * (mu - 1.0 / size)
     return np.concatenate(
-        [onehot, np.broadcast_to(mu.astype(np.float32), (len(observations), size))], axis=1)
+        [onehot, np.broadcast_to(features.astype(np.float32), (len(observations), size))],
+        axis=1)

@@ -18,7 +18,11 @@ observation asks for an action:
   make ``MultiAgentEpisode`` raise.)
 
 Each observation is float32 ``[onehot(o_i), mu_t]`` (length 2 O), or just ``onehot(o_i)``
-with ``observe_mu: false`` (the baseline that does not see the population). The env also
+with ``observe_mu: false`` (the baseline that does not see the population). With
+``mu_scale: s`` the mu part is ``1/O + s (mu_t - 1/O)``: mu's deviation from the uniform
+distribution magnified s times, so that a policy network resolves small moves of mu (on
+resource selection with one agent acting, mu moves by a few hundredths per round over a long
+transient; docs/tmf_pg.md). The env also
 exposes ``mu`` (the current empirical distribution), ``mu_history`` (this episode's mu_0..mu_t),
 ``mean_field_model()`` (the exact model with this env's alpha_t and horizon) and
 ``freeze_mean_field(flow)`` (play against a fixed flow mu-hat instead of the population: the
@@ -32,6 +36,7 @@ Common env config keys, defaults in brackets (each game adds its own; see
     rounds        episode length as the expected number of actions per agent; the
                   episode has H = round(rounds / mean alpha) env steps         [10]
     observe_mu    include mu_t in the observation                             [true]
+    mu_scale      s > 0: observe 1/O + s (mu_t - 1/O) instead of mu_t          [1.0]
 
 With ``bernoulli=<p>`` the first activation set of an episode is redrawn while empty (RLlib
 cannot start an episode without observations); the chance of that, (1 - p)^N, is
@@ -61,6 +66,7 @@ COMMON_DEFAULTS = {
     "activation": "all",
     "rounds": 10,
     "observe_mu": True,
+    "mu_scale": 1.0,
 }
 
 
@@ -87,6 +93,9 @@ class MeanFieldEnv(MultiAgentEnv):
             raise config_error("observe_mu", f"got {settings['observe_mu']!r}",
                                "use true or false.")
         self.observe_mu = settings["observe_mu"]
+        mu_scale = check_float("mu_scale", settings["mu_scale"], low=0.0, low_open=True)
+        # What encode_observations takes: None drops mu from the observation.
+        self.mu_scale = mu_scale if self.observe_mu else None
         self.game = self.game_class(**{key: settings[key] for key in self.game_defaults})
         self.horizon = horizon_for(self.rounds, self.activation)
         self.simulator = PopulationSimulator(self.game, num_agents, self.activation,
@@ -97,8 +106,14 @@ class MeanFieldEnv(MultiAgentEnv):
         self.agents = list(self.possible_agents)
         self._ids = np.array(self.possible_agents, dtype=object)
         self._index = {aid: i for i, aid in enumerate(self.possible_agents)}
-        size = self.game.num_observations * (2 if self.observe_mu else 1)
-        observation_space = gym.spaces.Box(0.0, 1.0, (size,), np.float32)
+        size = self.game.num_observations
+        low, high = np.zeros(size, np.float32), np.ones(size, np.float32)
+        if self.observe_mu:  # the bounds of 1/O + s (mu - 1/O) for mu in the simplex
+            low = np.concatenate([low, np.full(size, min(0.0, (1.0 - mu_scale) / size),
+                                               np.float32)])
+            high = np.concatenate([high, np.full(size, max(1.0, 1.0 / size + mu_scale
+                                                          * (1.0 - 1.0 / size)), np.float32)])
+        observation_space = gym.spaces.Box(low, high, dtype=np.float32)
         action_space = gym.spaces.Discrete(self.game.num_actions)
         self.observation_spaces = dict.fromkeys(self.possible_agents, observation_space)
         self.action_spaces = dict.fromkeys(self.possible_agents, action_space)
@@ -167,14 +182,14 @@ class MeanFieldEnv(MultiAgentEnv):
     def policy_inputs(self, mu: np.ndarray) -> np.ndarray:
         """The observation every observation o would produce under population ``mu``
         ([O, obs_dim]); a policy network on these rows gives the table pi(. | ., mu)."""
-        return encode_observations(np.arange(self.game.num_observations), mu, self.observe_mu)
+        return encode_observations(np.arange(self.game.num_observations), mu, self.mu_scale)
 
     # ------------------------------------------------------------------ dict boundary
 
     def _observations(self, agents: np.ndarray) -> dict:
         self._acting_ids = self._ids[agents].tolist()
         return dict(zip(self._acting_ids, self.simulator.observation_matrix(
-            agents, self.observe_mu)))
+            agents, self.mu_scale)))
 
     def _parse_actions(self, action_dict: dict) -> tuple[np.ndarray, np.ndarray]:
         # Fast path: the keys of the last observation dict, in the same order (what RLlib
