@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, markdown_table, write_results
-from vcpo_common import tiny_config
+from vcpo_common import env_runner_pid, start_demo
 
 NAME = "profile_demo"
 RATE_HZ = 100
@@ -110,9 +110,6 @@ def plot(shares: dict[str, dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import ray
-    import torch
-
-    from rllib_ext import registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 15 s recording")
@@ -122,17 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if py_spy is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
     seconds = 15 if args.quick else 60
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
-    registry.register_project_envs()
-    algo = tiny_config(accuracy_eval_interval=0, updates_per_iteration=10).build_algo()
-    torch.set_num_threads(1)
+    algo = start_demo(updates_per_iteration=10)
     out = Path(tempfile.mkdtemp(prefix="profile_demo_"))
     try:
         algo.train()  # warm-up
-        [runner] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(),
-                                                            local_env_runner=False)
-        pids = {"driver": os.getpid(), "env runner": runner}
+        pids = {"driver": os.getpid(), "env runner": env_runner_pid(algo)}
         recorders = [subprocess.Popen(
             [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
              str(RATE_HZ), "--idle", "--nonblocking", "--format", "raw", "--output",

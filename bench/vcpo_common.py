@@ -3,6 +3,7 @@ learner/runner pair that the controlled-staleness benches drive directly."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,33 @@ def tiny_config(**overrides):
     settings.update(overrides)
     settings["env"] = "MathEnv"
     return VCPOConfig().update_from_dict(settings)
+
+
+def start_demo(updates_per_iteration: int):
+    """Ray and the demo's algorithm (tuned_examples/vcpo_math_tiny.yaml, held-out evaluation
+    off), its learner in this process with 1 torch thread. Ray starts its worker processes at
+    nice 15 (RAY_worker_niceness) and the driver at 0: on a loaded machine the env runner then
+    gets a sliver of a core while this process gets its full share, so here they start at this
+    process's niceness and all compete alike."""
+    import ray
+    import torch
+
+    from rllib_ext import registry
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
+    registry.register_project_envs()
+    algo = tiny_config(accuracy_eval_interval=0,
+                       updates_per_iteration=updates_per_iteration).build_algo()
+    torch.set_num_threads(1)
+    return algo
+
+
+def env_runner_pid(algo) -> int:
+    """Process id of the algorithm's (one) remote env runner."""
+    [pid] = algo.env_runner_group.foreach_env_runner(lambda runner: os.getpid(),
+                                                     local_env_runner=False)
+    return pid
 
 
 def local_runner(config):

@@ -31,7 +31,7 @@ import statistics
 import time
 
 from common import RESULTS, markdown_table, write_results
-from vcpo_common import tiny_config
+from vcpo_common import env_runner_pid, start_demo, tiny_config
 
 NAME = "vcpo_vs_sync_loop"
 UPDATES_PER_BLOCK = 10
@@ -141,8 +141,7 @@ class SyncGRPOLoop:
 def demo_processes(algo) -> dict[str, int]:
     """The demo's processes: the driver (learner), the env runner (its vLLM engine inside) and
     the runner's children (the task's grading process)."""
-    [runner] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(),
-                                                        local_env_runner=False)
+    runner = env_runner_pid(algo)
     return {"driver": os.getpid(), "runner": runner,
             "runner_children": child_pids(runner)}
 
@@ -319,9 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     import multiprocessing
 
     import ray
-    import torch
-
-    from rllib_ext import registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 block rounds")
@@ -334,15 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_kinds = conn.recv()
     if not any(kind.startswith("trl@") for kind in peer_kinds):
         print("TRL is not installed (pip install -e '.[bench]'): its row is left out.")
-    config = tiny_config(accuracy_eval_interval=0, updates_per_iteration=UPDATES_PER_BLOCK)
-    # Ray starts its worker processes at nice 15 (RAY_worker_niceness) and the driver at 0:
-    # on a loaded machine the demo's env runner then gets a sliver of a core while the driver
-    # and the peers get their full share. All processes compete alike here.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
-    registry.register_project_envs()
-    algo = config.build_algo()
-    torch.set_num_threads(1)
+    algo = start_demo(UPDATES_PER_BLOCK)
     learner_cpu = count_learner_cpu(algo)
 
     def run(kind):
@@ -500,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "is done (RLlib's fetch waited for every in-flight request until its 50 ms timeout, "
         "with two samples queued per runner), the episodes come in the sample's reply as "
         "columns (no separate object and fetch; 62 instead of 142 KB, serialised in 1 instead "
-        "of 10 ms), runner episodes are built in one constructor call, and the bench runs Ray's "
+        "of 10 ms), runner episodes are built in one constructor call, the driver takes a buffered batch without first waiting for a request in flight, RLlib's per-parameter NaN scan is off, and the bench runs Ray's "
         "workers at the driver's niceness (Ray's default, 15, left the env runner a sliver of "
         "a core on the loaded machine while the driver and the peers ran at 0).",
         "The 2-core machine was shared with other jobs during the run (load average, median "
