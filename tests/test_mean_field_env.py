@@ -192,8 +192,9 @@ def test_queueing_rejects_bad_parameters(config, match):
 
 @pytest.mark.parametrize("schedule", ["sequential", "bernoulli=0.2", "k=3", "all"])
 def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
-    """A real MultiAgentEnvRunner episode: every agent's single-agent episode has exactly its
-    own activations; the population return equals what the env paid."""
+    """Real MultiAgentEnvRunner episodes (TMF-PG's 4 envs side by side): every agent's
+    single-agent episode has exactly its own activations; the population return equals what
+    its env paid."""
     from rllib_ext.algorithms.tmf_pg import TMFPGConfig
     from rllib_ext.algorithms.tmf_pg.env_runner import MeanFieldEnvRunner
 
@@ -213,15 +214,16 @@ def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
         CountingEnv, env_config={"num_agents": 12, "activation": schedule, "rounds": 4})
     config.validate()
     runner = MeanFieldEnvRunner(config=config)
-    episodes = runner.sample(num_episodes=2)
-    env = runner.env.envs[0].unwrapped
-    episode = episodes[-1]
-    assert episode.is_terminated and episode.env_steps() == env.horizon
-    assert {aid: len(sa) for aid, sa in episode.agent_episodes.items()} == env.acts
-    for sa in episode.agent_episodes.values():
-        assert sa.module_id == "shared" and sa.is_terminated
-        assert len(sa.get_rewards()) == len(sa)
-    assert episode.get_return() == pytest.approx(env.paid)
+    episodes = runner.sample(num_episodes=4)
+    envs = [sub_env.unwrapped for sub_env in runner.env.envs]
+    assert len(episodes) == len(envs) == 4
+    for episode, env in zip(episodes, envs, strict=True):  # all end at the same step
+        assert episode.is_terminated and episode.env_steps() == env.horizon
+        assert {aid: len(sa) for aid, sa in episode.agent_episodes.items()} == env.acts
+        for sa in episode.agent_episodes.values():
+            assert sa.module_id == "shared" and sa.is_terminated
+            assert len(sa.get_rewards()) == len(sa)
+        assert episode.get_return() == pytest.approx(env.paid)
 
     metrics = runner.get_metrics()
     assert set(metrics["num_agent_steps_sampled"]) == {"all_agents"}

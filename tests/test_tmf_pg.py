@@ -382,3 +382,78 @@ def test_exact_tmf_pg_with_annealed_entropy_reaches_the_queueing_equilibrium():
     assert annealed[1]["exploitability_regularized"] != annealed[1]["exploitability"]
     assert annealed[-1]["entropy_coeff"] == 0.0
     assert annealed[-1]["exploitability"] < 0.01
+
+
+@pytest.mark.parametrize("activation", ["sequential", "bernoulli=0.3", "all"])
+def test_population_episode_answers_as_rllibs_episode(activation):
+    """PopulationEpisode (O(acting agents) per step) gives the same agents to act and that
+    stepped as RLlib's MultiAgentEpisode, step by step, under every schedule; its per-step
+    check still catches a broken episode of an agent that stepped."""
+    from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
+
+    from rllib_ext.algorithms.tmf_pg.env_runner import PopulationEpisode
+
+    env = DynamicQueueingEnv({"num_agents": 6, "activation": activation, "rounds": 3})
+    fast, plain = PopulationEpisode(), MultiAgentEpisode()
+    observations, infos = env.reset(seed=0)
+    for episode in (fast, plain):
+        episode.add_env_reset(observations=observations, infos=infos)
+    rng = np.random.default_rng(0)
+    steps = 0
+    while not plain.is_done:
+        assert fast.get_agents_to_act() == plain.get_agents_to_act()
+        assert fast.get_agents_that_stepped() == plain.get_agents_that_stepped()
+        actions = {aid: int(rng.integers(3)) for aid in plain.get_agents_to_act()}
+        observations, rewards, terminateds, truncateds, infos = env.step(actions)
+        for episode in (fast, plain):
+            episode.add_env_step(observations, actions, rewards, infos,
+                                 terminateds=terminateds, truncateds=truncateds)
+        steps += 1
+    assert fast.is_done and steps == env.horizon
+    assert fast.get_agents_that_stepped() == plain.get_agents_that_stepped()
+    assert fast.get_return(include_hanging_rewards=True) == pytest.approx(
+        plain.get_return(include_hanging_rewards=True))
+
+    broken = PopulationEpisode()
+    observations, infos = env.reset(seed=1)
+    broken.add_env_reset(observations=observations, infos=infos)
+    actor = next(iter(broken.get_agents_to_act()))
+    broken.agent_episodes[actor].infos.append({})  # one info too many
+    actions = {aid: 0 for aid in broken.get_agents_to_act()}
+    observations, rewards, *_ = env.step(actions)
+    with pytest.raises(AssertionError):
+        broken.add_env_step(observations, actions, rewards)
+
+
+def test_exact_flow_metric_is_computed_once_per_policy():
+    """The runner metric's exact flow is shared by the episodes of one policy and computed
+    anew when the weights change (in place, as a weight sync or an optimiser step does)."""
+    from rllib_ext.algorithms.tmf_pg.env_runner import policy_key
+
+    env = ResourceSelectionEnv({"num_agents": 10})
+    config = TMFPGConfig().environment(ResourceSelectionEnv, env_config={"num_agents": 10})
+    config.validate()
+    multi = config.get_multi_rl_module_spec(
+        spaces={"shared": (env.observation_spaces["agent_0"], env.action_spaces["agent_0"])},
+        inference_only=True).build()
+    callback = MeanFieldMetricsCallback()
+    runner = type("Runner", (), {"config": config})()
+    calls = []
+    original = PopulationView.flow
+    try:
+        PopulationView.flow = lambda self, module: calls.append(1) or original(self, module)
+        first = callback._exact_flow(runner, env, multi)
+        assert callback._exact_flow(runner, env, multi) is first and len(calls) == 1
+        key = policy_key(multi)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in multi["shared"].parameters():
+                parameter.add_(torch.randn_like(parameter))
+        assert policy_key(multi) != key
+        second = callback._exact_flow(runner, env, multi)
+        assert len(calls) == 2 and not np.allclose(second, first)
+        multi["shared"].load_state_dict(multi["shared"].state_dict())
+        callback._exact_flow(runner, env, multi)
+        assert len(calls) == 3
+    finally:
+        PopulationView.flow = original

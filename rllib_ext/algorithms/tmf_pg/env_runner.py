@@ -4,7 +4,9 @@ freezing the mean field of a runner's envs.
 RLlib's ``MultiAgentEnvRunner`` logs four counters per agent per env step and one return per
 agent per episode; with thousands of agents that is most of the sampling time and thousands
 of result keys per iteration. :class:`MeanFieldEnvRunner` keeps everything else and logs
-those per module instead. :class:`MeanFieldMetricsCallback` adds the mean-field metrics of
+those per module instead. Its episodes (:class:`PopulationEpisode`) check, at each env step,
+only the agents that stepped: RLlib's episode re-checks all N agents at every step, O(N) per
+step, which with one agent acting per step (``sequential``) was O(N^2) per round. :class:`MeanFieldMetricsCallback` adds the mean-field metrics of
 every finished population episode under ``env_runners/mean_field/`` and stores the episode's
 empirical flow mu_0..mu_H in ``episode.custom_data["mu_history"]`` (TMF-PG's mu-hat is
 estimated from it).
@@ -15,8 +17,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
+
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
+from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.utils.metrics import (
     EPISODE_MODULE_RETURN_MEAN,
     NUM_AGENT_STEPS_SAMPLED,
@@ -35,6 +40,14 @@ MEAN_FIELD = "mean_field"
 MU_HISTORY = "mu_history"
 
 
+def policy_key(multi_module) -> tuple:
+    """Changes whenever the weights of a MultiRLModule's torch modules are replaced or
+    modified in place (torch bumps a tensor's version counter at every in-place write,
+    ``load_state_dict`` included)."""
+    return tuple((module_id, id(p), p._version) for module_id in multi_module.keys()
+                 for p in multi_module[module_id].parameters())
+
+
 def mean_field_envs(env_runner) -> list[MeanFieldEnv]:
     """The mean-field sub-envs of an env runner."""
     env = env_runner.env
@@ -50,9 +63,74 @@ def freeze_mean_field(env_runner, flow) -> None:
         env.freeze_mean_field(flow)
 
 
+class PopulationEpisode(MultiAgentEpisode):
+    """A ``MultiAgentEpisode`` that costs O(acting agents) per env step, not O(N):
+
+    - ``add_env_step`` validates the single-agent episodes of the agents that stepped (got an
+      observation or took an action), not those of all N agents;
+    - the agents that stepped / are to act are the keys of the latest observations, kept
+      as they arrive instead of searched for among all N agents' histories.
+    """
+
+    _stepped: frozenset | None = None  # set only while add_env_step runs
+    _last_observed: frozenset | None = None  # keys of the latest observations
+
+    def add_env_reset(self, *, observations, **kwargs) -> None:
+        super().add_env_reset(observations=observations, **kwargs)
+        self._last_observed = frozenset(observations)
+
+    def add_env_step(self, observations, actions, rewards, infos=None, *, terminateds=None,
+                     truncateds=None, **kwargs) -> None:
+        self._stepped = frozenset(observations) | frozenset(actions)
+        try:
+            super().add_env_step(observations, actions, rewards, infos,
+                                 terminateds=terminateds, truncateds=truncateds, **kwargs)
+        finally:
+            self._stepped = None
+        # Agents with an observation at this env step: those that got one, and those done
+        # now, which RLlib gives their last observation again. Others got a skip tag.
+        touched = set(observations) | set(rewards) | set(terminateds or {}) \
+            | set(truncateds or {})
+        if self.is_done:
+            touched |= set(self.agent_episodes)
+        self._last_observed = frozenset(
+            agent_id for agent_id in touched - {"__all__"}
+            if agent_id in self.env_t_to_agent_t
+            and self.env_t_to_agent_t[agent_id].get(-1) != self.SKIP_ENV_TS_TAG)
+
+    def validate(self) -> None:
+        if self._stepped is None:
+            super().validate()
+            return
+        for agent_id in self._stepped:
+            if agent_id in self.agent_episodes:
+                self.agent_episodes[agent_id].validate()
+
+    def get_agents_that_stepped(self) -> set:
+        if self._last_observed is None:
+            return super().get_agents_that_stepped()
+        return set(self._last_observed)
+
+    def get_agents_to_act(self) -> set:
+        if self._last_observed is None:
+            return super().get_agents_to_act()
+        return {agent_id for agent_id in self._last_observed
+                if not self.agent_episodes[agent_id].is_done}
+
+
 class MeanFieldEnvRunner(MultiAgentEnvRunner):
     """A ``MultiAgentEnvRunner`` whose step and episode metrics are per module, not per
-    agent (O(#modules) result keys for any population size)."""
+    agent (O(#modules) result keys for any population size), and whose episodes are
+    :class:`PopulationEpisode` s."""
+
+    def _new_episode(self, env_index, episodes=None):
+        episodes = episodes if episodes is not None else self._ongoing_episodes
+        env = self.env.envs[env_index].unwrapped
+        episodes[env_index] = PopulationEpisode(
+            observation_space={aid: env.get_observation_space(aid) for aid in env.possible_agents},
+            action_space={aid: env.get_action_space(aid) for aid in env.possible_agents},
+            agent_to_module_mapping_fn=self.config.policy_mapping_fn)
+        self._make_on_episode_callback("on_episode_created", env_index, episodes)
 
     def _increase_sampled_metrics(self, num_steps, next_obs, episode):
         super()._increase_sampled_metrics(num_steps, {}, episode)
@@ -94,6 +172,21 @@ class MeanFieldMetricsCallback(RLlibCallback):
     def __init__(self):
         super().__init__()
         self._views = {}
+        self._flows = {}  # env runner -> (policy_key(module), the exact flow)
+
+    def _exact_flow(self, env_runner, sub_env, rl_module) -> np.ndarray:
+        """The exact flow of ``rl_module``'s policy, computed once per runner and policy:
+        the sub-envs of a runner share one config, and their episodes (run side by side)
+        end under the same weights."""
+        key, owner = policy_key(rl_module), id(env_runner)
+        cached = self._flows.get(owner)
+        if cached is None or cached[0] != key:
+            view = self._views.get(owner)
+            if view is None:
+                view = self._views[owner] = PopulationView(
+                    sub_env, env_runner.config.policy_mapping_fn)
+            cached = self._flows[owner] = (key, view.flow(rl_module))
+        return cached[1]
 
     def on_episode_end(self, *, episode, env_runner=None, metrics_logger=None, env=None,
                        env_index=0, rl_module=None, **kwargs):
@@ -109,11 +202,9 @@ class MeanFieldMetricsCallback(RLlibCallback):
             "reward_per_action": total / max(1, episode.agent_steps()),
         }
         if rl_module is not None:
-            view = self._views.get(id(sub_env))
-            if view is None:
-                view = self._views[id(sub_env)] = PopulationView(
-                    sub_env, env_runner.config.policy_mapping_fn)
-            values["mu_l1_distance"] = mu_distance(sub_env.mu_history, view.flow(rl_module))
+            values["mu_l1_distance"] = mu_distance(sub_env.mu_history,
+                                                   self._exact_flow(env_runner, sub_env,
+                                                                    rl_module))
         # Average over the latest iteration's episodes (RLlib's default window is 100).
         config = env_runner.config
         window = getattr(config, "num_episodes_per_iteration",
