@@ -340,7 +340,9 @@ def test_non_finite_log_probs_skip_the_step_on_every_route():
 def test_bfloat16_autocast_norms_and_gradient_within_bf16_rounding():
     """float32 master weights under bf16 autocast: per-sample norms within bf16 rounding of the
     float32 autograd reference; the weighted gradient as close to float32 as autograd's own
-    bf16 gradient is, and close to it."""
+    bf16 gradient is. (Not also "within 3% of autograd's bf16 gradient": the two round
+    differently, and on an AMD EPYC each is ~3% of the scale from float32, so they can be
+    further apart than that from each other.)"""
     model = llama(tie=True)
     lm = ragged_batch(2, seed=3)
     mask = lm["response_mask"]
@@ -368,7 +370,6 @@ def test_bfloat16_autocast_norms_and_gradient_within_bf16_rounding():
         scale = float(want[name].abs().max())
         autograd_error = float((bf16[name] - want[name]).abs().max())
         assert (p.grad - want[name]).abs().max() <= 1.5 * autograd_error + 1e-3 * scale, name
-        assert (p.grad - bf16[name]).abs().max() <= 3e-2 * scale, name
     model.zero_grad(set_to_none=True)
 
 
