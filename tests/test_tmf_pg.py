@@ -458,3 +458,23 @@ def test_exact_flow_metric_is_computed_once_per_policy():
         assert len(calls) == 3
     finally:
         PopulationView.flow = original
+
+
+def test_seeded_runner_draws_new_env_randomness_at_every_call():
+    """RLlib resets the envs with the run's seed at every sample(num_episodes=...) call; the
+    runner derives a new seed per call, so a seeded run does not replay the same activations
+    every iteration, and stays reproducible."""
+    config = TMFPGConfig().environment(
+        ResourceSelectionEnv, env_config={"num_agents": 10, "activation": "sequential",
+                                          "rounds": 3}).debugging(seed=5)
+    config.validate()
+
+    def activation_counts(runner):
+        return [tuple(sorted((aid, len(sa)) for aid, sa in episode.agent_episodes.items()))
+                for episode in runner.sample(num_episodes=4)]
+
+    first, second = MeanFieldEnvRunner(config=config), MeanFieldEnvRunner(config=config)
+    calls = [activation_counts(first) for _ in range(3)]
+    assert len(set(calls[0])) == 4  # the 4 envs side by side differ
+    assert calls[0] != calls[1] and calls[1] != calls[2] and calls[0] != calls[2]
+    assert [activation_counts(second) for _ in range(3)] == calls

@@ -122,6 +122,21 @@ class MeanFieldEnvRunner(MultiAgentEnvRunner):
     agent (O(#modules) result keys for any population size), and whose episodes are
     :class:`PopulationEpisode` s."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._run_seed, self._seeded_calls = self._seed, 0
+
+    def sample(self, *args, **kwargs):
+        # RLlib resets the envs with the run's seed at the start of every
+        # sample(num_episodes=...) call, so with a seed every iteration replayed the same
+        # activations and moves (all of them with several envs side by side). Each call gets
+        # a seed of its own, derived from the run's: still reproducible, no longer repeated.
+        if self._run_seed is not None:
+            self._seed = int(np.random.SeedSequence(
+                [self._run_seed, self._seeded_calls]).generate_state(1)[0] >> 1)
+            self._seeded_calls += 1
+        return super().sample(*args, **kwargs)
+
     def _new_episode(self, env_index, episodes=None):
         episodes = episodes if episodes is not None else self._ongoing_episodes
         env = self.env.envs[env_index].unwrapped
