@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    repeats, rounds = (2, 2) if args.quick else (5, 10)
-    sizes = (20,) if args.quick else (50, 200)
+    repeats, rounds = (2, 2) if args.quick else (3, 10)
+    sizes = (20,) if args.quick else (50, 100)
     rows, flat = [], {}
     for game_name, env_class in (("queueing", DynamicQueueingEnv),
                                  ("resource_selection", ResourceSelectionEnv)):
