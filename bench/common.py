@@ -44,3 +44,30 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def log_bar_groups(name: str, labels: list[str], series: dict[str, list[float]], ylabel: str,
+                   title: str, figsize: tuple[float, float],
+                   reference: tuple[float, str] | None = None) -> None:
+    """``results/<name>.png``: one group of bars per label (one bar per series), log scale;
+    ``reference``: (y, label) of a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(labels))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=figsize)
+    for index, (label, values) in enumerate(series.items()):
+        ax.bar(x + (index - (len(series) - 1) / 2) * width, values, width=width, label=label)
+    ax.set_yscale("log")
+    if reference is not None:
+        ax.axhline(reference[0], color="k", lw=0.8, ls="--", label=reference[1])
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)

@@ -29,7 +29,7 @@ import numpy as np
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import log_bar_groups, write_results  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 from envs.mean_field.env import agent_index  # noqa: E402
@@ -204,25 +204,11 @@ def main(argv=None) -> int:
 
 
 def plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{g[:8]}\nN={n}\n{s}" for g, n, s, *_ in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for offset, column, label in ((-0.27, 3, "vectorised env"), (0.0, 4, "naive loop env"),
-                                  (0.27, 6, "simulator core")):
-        ax.bar(x + offset, [r[column] for r in rows], width=0.27, label=label)
-    ax.set_yscale("log")
-    ax.axhline(1e5, color="k", lw=0.8, ls="--", label="1e5 agent-steps/s")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("agent-steps / s")
-    ax.set_title("Mean-field env throughput")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+    log_bar_groups(NAME, [f"{g[:8]}\nN={n}\n{s}" for g, n, s, *_ in rows],
+                   {label: [r[column] for r in rows] for column, label in
+                    ((3, "vectorised env"), (4, "naive loop env"), (6, "simulator core"))},
+                   "agent-steps / s", "Mean-field env throughput", (11, 4.5),
+                   reference=(1e5, "1e5 agent-steps/s"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import log_bar_groups, markdown_table, write_results  # noqa: E402
 
 from envs.mean_field import DynamicQueueingEnv, ResourceSelectionEnv  # noqa: E402
 
@@ -116,24 +116,10 @@ def main(argv=None) -> int:
 
 
 def plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{g[:9]}\nN={n}\n{s}" for g, n, s, *_ in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for offset, column, label in zip((-0.27, 0.0, 0.27), (3, 4, 5), VARIANTS, strict=True):
-        ax.bar(x + offset, [float(r[column].replace(",", "")) for r in rows], width=0.27,
-               label=label)
-    ax.set_yscale("log")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("agent actions / s of sample()")
-    ax.set_title("TMF-PG sampling through RLlib")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+    log_bar_groups(NAME, [f"{g[:9]}\nN={n}\n{s}" for g, n, s, *_ in rows],
+                   {variant: [float(r[column].replace(",", "")) for r in rows]
+                    for column, variant in enumerate(VARIANTS, start=3)},
+                   "agent actions / s of sample()", "TMF-PG sampling through RLlib", (10, 4.5))
 
 
 if __name__ == "__main__":
