@@ -6,10 +6,10 @@ agent per episode; with thousands of agents that is most of the sampling time an
 of result keys per iteration. :class:`MeanFieldEnvRunner` keeps everything else and logs
 those per module instead. Its episodes (:class:`PopulationEpisode`) check, at each env step,
 only the agents that stepped: RLlib's episode re-checks all N agents at every step, O(N) per
-step, which with one agent acting per step (``sequential``) was O(N^2) per round. :class:`MeanFieldMetricsCallback` adds the mean-field metrics of
-every finished population episode under ``env_runners/mean_field/`` and stores the episode's
-empirical flow mu_0..mu_H in ``episode.custom_data["mu_history"]`` (TMF-PG's mu-hat is
-estimated from it).
+step, which with one agent acting per step (``sequential``) was O(N^2) per round.
+:class:`MeanFieldMetricsCallback` adds the mean-field metrics of every finished population
+episode under ``env_runners/mean_field/`` and stores the episode's empirical flow mu_0..mu_H
+in ``episode.custom_data["mu_history"]`` (TMF-PG's mu-hat is estimated from it).
 """
 
 from __future__ import annotations
@@ -185,22 +185,19 @@ class MeanFieldMetricsCallback(RLlibCallback):
 
     def __init__(self):
         super().__init__()
-        self._views = {}
-        self._flows = {}  # env runner -> (policy_key(module), the exact flow)
+        self._flows = {}  # env runner -> (its PopulationView, policy_key(module), the flow)
 
     def _exact_flow(self, env_runner, sub_env, rl_module) -> np.ndarray:
         """The exact flow of ``rl_module``'s policy, computed once per runner and policy:
         the sub-envs of a runner share one config, and their episodes (run side by side)
         end under the same weights."""
         key, owner = policy_key(rl_module), id(env_runner)
-        cached = self._flows.get(owner)
-        if cached is None or cached[0] != key:
-            view = self._views.get(owner)
-            if view is None:
-                view = self._views[owner] = PopulationView(
-                    sub_env, env_runner.config.policy_mapping_fn)
-            cached = self._flows[owner] = (key, view.flow(rl_module))
-        return cached[1]
+        view, cached_key, flow = self._flows.get(owner) or (
+            PopulationView(sub_env, env_runner.config.policy_mapping_fn), None, None)
+        if cached_key != key:
+            flow = view.flow(rl_module)
+            self._flows[owner] = (view, key, flow)
+        return flow
 
     def on_episode_end(self, *, episode, env_runner=None, metrics_logger=None, env=None,
                        env_index=0, rl_module=None, **kwargs):
