@@ -200,7 +200,7 @@ def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
 
     class CountingEnv(ResourceSelectionEnv):
         def reset(self, *, seed=None, options=None):
-            self.paid, self.acts = 0.0, {}
+            self.paid, self.acts, self.observed = 0.0, {}, 0
             return super().reset(seed=seed, options=options)
 
         def step(self, action_dict):
@@ -208,6 +208,7 @@ def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
                 self.acts[aid] = self.acts.get(aid, 0) + 1
             result = super().step(action_dict)
             self.paid += sum(result[1].values())
+            self.observed += len(result[0])
             return result
 
     config = TMFPGConfig().environment(
@@ -228,6 +229,13 @@ def test_rllib_env_runner_builds_valid_asynchronous_episodes(schedule):
     metrics = runner.get_metrics()
     assert set(metrics["num_agent_steps_sampled"]) == {"all_agents"}
     assert set(metrics["num_module_steps_sampled"]) == {"shared"}
+    # Counted per sample() call, the totals of RLlib's per-step rule (one agent step per
+    # observation an env step returns).
+    observed = sum(env.observed for env in envs)
+    assert metrics["num_agent_steps_sampled"]["all_agents"] == observed
+    assert metrics["num_module_steps_sampled"]["shared"] == observed
+    assert metrics["num_env_steps_sampled"] == sum(env.horizon for env in envs)
+    assert metrics["num_episodes"] == 4
     assert "agent_episode_returns_mean" not in metrics
     mean_field = metrics["mean_field"]
     assert float(mean_field["return_per_agent"]) == pytest.approx(

@@ -91,7 +91,8 @@ class TMFPGConfig(AlgorithmConfig):
     - ``num_agent_types`` (>= 1, default 1): 1 = one shared module for all agents; K > 1 =
       agent_i uses module ``type_{i mod K}``.
     - ``exploitability_interval`` (>= 0, default 1): compute the exact-model metrics every
-      that many iterations (0 = never).
+      that many iterations (0 = never); the results of the iterations in between have no
+      ``mean_field/`` metrics.
 
     Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon; gamma < 1 discounts per own
     action, in the learner and the exact model alike), complete episodes, sampling on
@@ -258,8 +259,11 @@ class TMFPG(Algorithm):
             finally:
                 self._freeze_runners(None)
 
+        # Exact metrics at iterations n, 2n, ... (n = exploitability_interval); in between
+        # the results leave them out (not NaN, not last time's values).
+        self.metrics.delete(MEAN_FIELD, key_error=False)
         interval = self.config.exploitability_interval
-        if interval and self.iteration % interval == 0:
+        if interval and (self.iteration + 1) % interval == 0:
             for key, value in self.exact_metrics().items():
                 self.metrics.log_value((MEAN_FIELD, key), value, window=1)
 
