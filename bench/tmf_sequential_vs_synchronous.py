@@ -6,8 +6,9 @@ same game with the same N, once with ``activation: all`` and once with ``sequent
 env step lasts alpha rounds (1 vs 1/N), so both play the same game in time: each customer
 decides about once per round, queues serve and receive work at the same rates per round.
 Both runs sample the same number of complete episodes per iteration, each with about
-N * rounds agent actions, so both see the same amount of agent experience. Reported (mean of
-the last 5 iterations):
+N * rounds agent actions, so both see the same amount of agent experience. Each schedule
+runs with several seeds; reported per run as means over its last 20% (``TAIL``), then mean
+and standard deviation over the seeds:
 
 * return per agent (sampled population episodes, total reward / N);
 * exploitability of the learned policy in the exact mean-field model of its schedule
@@ -30,14 +31,16 @@ last 30% of the run optimise the plain game. On resource selection the env shows
 mu magnified around uniform (``mu_scale`` 10, ``MU_SCALE``): on raw mu the one-acting exact
 run plateaus at exploitability ~0.014.
 
-    .venv/bin/python bench/tmf_sequential_vs_synchronous.py [--quick]
+    .venv/bin/python bench/tmf_sequential_vs_synchronous.py [--quick]   # full: ~1 h
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,14 @@ NAME = "tmf_sequential_vs_synchronous"
 SCHEDULES = ("all", "sequential")
 ROUNDS = 10
 EPISODES = 4
+# Sampled runs: gradient steps, the seeds, exact metrics every EVALUATE_EVERY iterations, and
+# the summaries' window (the last TAIL of the run): at N = 50 the final policies keep moving
+# by sampling noise (exploitability 0.05-0.2 from one evaluation to the next on resource
+# selection), so one evaluation, or one seed, does not tell two schedules apart.
+ITERATIONS = 300
+SEEDS = (0, 1, 2)
+EVALUATE_EVERY = 10
+TAIL = 0.2
 # Queueing's exact runs at 1000 steps (tau 0.3 -> 0 at 70%) ended below 1e-2 on one machine
 # (init seeds 0-3) and at 0.028 / 0.002 / 0.043 / 0.003 on another (AMD EPYC, the same code):
 # half the seeds stall near a deterministic policy. 2000 steps with the same schedule shape
@@ -71,22 +82,60 @@ def env_config(game_name: str, n: int, schedule: str) -> dict:
             "mu_scale": MU_SCALE[game_name]}
 
 
-def run(game_name: str, n: int, schedule: str, iterations: int, seed: int) -> list[dict]:
+def run(game_name: str, n: int, schedule: str, iterations: int, seed: int,
+        evaluate_every: int) -> list[dict]:
+    """Sampled TMF-PG through RLlib (its own Ray instance: runs go two at a time)."""
+    init_ray()
     # Schedules in agent actions (the same clock for both schedules).
     actions = iterations * EPISODES * n * ROUNDS
     env_class, tau = GAMES[game_name], TAU[game_name]
     config = TMFPGConfig().environment(
         env_class, env_config=env_config(game_name, n, schedule)) \
-        .training(**schedules(actions, tau), num_episodes_per_iteration=EPISODES) \
+        .training(**schedules(actions, tau), num_episodes_per_iteration=EPISODES,
+                  exploitability_interval=evaluate_every) \
         .debugging(seed=seed)
-    return train(config, iterations, f"{env_class.__name__} {schedule}")
+    return train(config, iterations, f"{env_class.__name__} {schedule} seed {seed}",
+                 evaluate_every)
 
 
-def equilibrium(env_class, n: int, schedule: str) -> dict:
+def one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def summary(history: list[dict]) -> dict:
+    """One sampled run: means over its last TAIL of the return per agent (every iteration)
+    and of the exploitability and exact J (its evaluations), the first and last evaluation."""
+    tail = history[-max(1, round(TAIL * len(history))):]
+    evaluated = [row for row in tail if "exploitability" in row]
+    return {
+        "return_per_agent": float(np.mean([row["return_per_agent"] for row in tail])),
+        "exploitability": float(np.mean([row["exploitability"] for row in evaluated])),
+        "value": float(np.mean([row["value"] for row in evaluated])),
+        "final_exploitability": history[-1]["exploitability"],
+        "final_max_gap": history[-1]["max_gap"],
+        "initial_exploitability": history[0]["exploitability"],
+        "seconds": history[-1]["seconds"],
+        "env_steps": history[-1]["env_steps"],
+    }
+
+
+def over_seeds(summaries: list[dict]) -> dict:
+    """Mean over seeds of every summary figure, and the seeds' standard deviation of the
+    return and the exploitability (``*_sd``)."""
+    merged = {key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]}
+    for key in ("return_per_agent", "exploitability"):
+        merged[f"{key}_sd"] = float(np.std([s[key] for s in summaries]))
+    return merged
+
+
+def equilibrium(game_name: str, n: int, schedule: str) -> dict:
     """The exact (unregularised) equilibrium of one schedule's mean-field game by the OMD
     solver (a reference, not TMF-PG): its value only if the solver converged."""
     from envs.mean_field.model import solve_equilibrium
 
+    env_class = GAMES[game_name]
     env = env_class({"num_agents": n, "activation": schedule, "rounds": ROUNDS})
     model = env.mean_field_model()
     start = time.perf_counter()
@@ -166,37 +215,50 @@ def claims(prefix: str, sync: dict, seq: dict, return_key: str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 20, resource game, 12 its")
+    parser.add_argument("--quick", action="store_true",
+                        help="N = 20, resource game, 12 its, one seed")
     args = parser.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    init_ray()
+    one_torch_thread()  # as in the workers (and the machine line says so)
     n = 20 if args.quick else 50
-    iterations = 12 if args.quick else 60
+    iterations = 12 if args.quick else ITERATIONS
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    evaluate_every = 3 if args.quick else EVALUATE_EVERY
     exact_iterations = 30 if args.quick else EXACT_ITERATIONS
     games = {"resource_selection": ResourceSelectionEnv} if args.quick else GAMES
 
-    flat, rows, histories = {"num_agents": n, "iterations": iterations,
-                             "exact_iterations": exact_iterations,
-                             **{f"{game}_tau_start": tau for game, tau in TAU.items()}}, [], {}
-    for game_name, env_class in games.items():
-        finals = {}
+    # Every run is independent: two at a time (the machine's cores), the longest first.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=context,
+                             initializer=one_torch_thread) as pool:
+        sampled = {(game, schedule, seed): pool.submit(run, game, n, schedule, iterations,
+                                                       seed, evaluate_every)
+                   for schedule in reversed(SCHEDULES) for game in games for seed in seeds}
+        exact = {(game, schedule): pool.submit(exact_run, game, n, schedule, exact_iterations)
+                 for schedule in reversed(SCHEDULES) for game in games}
+        solved = {(game, schedule): pool.submit(equilibrium, game, n, schedule)
+                  for game in games for schedule in SCHEDULES}
+        study_future = pool.submit(inner_loop_study, 20 if args.quick else 300)
+        histories = {key: future.result() for key, future in sampled.items()}
+        exact = {key: future.result() for key, future in exact.items()}
+        solved = {key: future.result() for key, future in solved.items()}
+        study = study_future.result()
+
+    flat = {"num_agents": n, "iterations": iterations, "seeds": len(seeds),
+            "exact_iterations": exact_iterations,
+            **{f"{game}_tau_start": tau for game, tau in TAU.items()}}
+    rows = []
+    for game_name in games:
+        finals = {schedule: {**solved[(game_name, schedule)], **over_seeds(
+            [summary(histories[(game_name, schedule, seed)]) for seed in seeds])}
+            for schedule in SCHEDULES}
         for schedule in SCHEDULES:
-            history = run(game_name, n, schedule, iterations, seed=0)
-            histories[(game_name, schedule)] = history
-            last = history[-5:]
-            finals[schedule] = {
-                **equilibrium(env_class, n, schedule),
-                "return_per_agent": float(np.mean([r["return_per_agent"] for r in last])),
-                "exploitability": float(np.mean([r["exploitability"] for r in last])),
-                "final_exploitability": history[-1]["exploitability"],
-                "final_max_gap": history[-1]["max_gap"],
-                "value": float(np.mean([r["value"] for r in last])),
-                "initial_exploitability": history[0]["exploitability"],
-                "seconds": history[-1]["seconds"],
-                "env_steps": history[-1]["env_steps"],
-            }
+            for seed in seeds:
+                history = histories[(game_name, schedule, seed)]
+                one = summary(history)
+                flat[f"{game_name}_{schedule}_seed{seed}_return_per_agent"] = round(
+                    one["return_per_agent"], 5)
+                flat[f"{game_name}_{schedule}_seed{seed}_exploitability"] = round(
+                    one["exploitability"], 5)
         sync, seq = finals["all"], finals["sequential"]
         return_gap, exploitability_gap, goals = claims(game_name, sync, seq, "return_per_agent",
                                                        "final_exploitability")
@@ -216,8 +278,7 @@ def main(argv=None) -> int:
 
     exact_rows = []
     for game_name in games:
-        runs = {schedule: exact_run(game_name, n, schedule, exact_iterations)
-                for schedule in SCHEDULES}
+        runs = {schedule: exact[(game_name, schedule)] for schedule in SCHEDULES}
         sync, seq = runs["all"], runs["sequential"]
         return_gap, exploitability_gap, goals = claims(f"exact_{game_name}", sync, seq, "value",
                                                        "exploitability")
@@ -231,7 +292,6 @@ def main(argv=None) -> int:
         flat.update(goals)
         exact_rows.append((game_name, sync, seq, return_gap, exploitability_gap))
 
-    study = inner_loop_study(20 if args.quick else 300)
     for game_name, inner, lr, _, end in study:
         flat[f"inner_study_{game_name}_inner{inner}_lr{lr:g}_exploitability"] = round(end, 5)
 
@@ -240,15 +300,19 @@ def main(argv=None) -> int:
             return f"not converged (gap {final['equilibrium_gap']:.1e})"
         return f"{final['equilibrium_value']:.3f}"
 
-    table = ["| game | schedule | env steps | return / agent | exploitability (start -> last 5 "
-             "-> last) | exact J | equilibrium J (OMD) | train time |",
+    table = [f"Sampled TMF-PG through RLlib, N = {n}, mean +- sd over {len(seeds)} seed(s); "
+             f"return, exploitability and exact J are means over the last {TAIL:.0%} of each "
+             "run:", "",
+             "| game | schedule | env steps | return / agent | exploitability (start -> "
+             "last part -> last) | exact J | equilibrium J (OMD) | train time per run |",
              "|---|---|---|---|---|---|---|---|"]
     for game_name, sync, seq, return_gap, exploitability_gap, equilibrium_gap in rows:
         for schedule, final in (("all", sync), ("sequential", seq)):
             table.append(
-                f"| {game_name} | {schedule} | {final['env_steps']:,} | "
-                f"{final['return_per_agent']:.3f} | {final['initial_exploitability']:.3f} -> "
-                f"{final['exploitability']:.4f} -> {final['final_exploitability']:.4f} | "
+                f"| {game_name} | {schedule} | {final['env_steps']:,.0f} | "
+                f"{final['return_per_agent']:.3f} +- {final['return_per_agent_sd']:.3f} | "
+                f"{final['initial_exploitability']:.3f} -> {final['exploitability']:.4f} +- "
+                f"{final['exploitability_sd']:.4f} -> {final['final_exploitability']:.4f} | "
                 f"{final['value']:.3f} | {equilibrium_cell(final)} | {final['seconds']:.0f}s |")
         table.append(f"| {game_name} | gap | | {100 * return_gap:.1f}% | "
                      f"{100 * exploitability_gap:.1f}% of start | | "
@@ -279,10 +343,13 @@ def main(argv=None) -> int:
         f"{ANNEAL_END:.0%} of the run (the exact-model runs: the same schedules over their "
         "gradient steps), [64, 64] policy on [onehot(o), mu'] with mu' = 1/O + s (mu - 1/O), "
         f"the env's mu_scale s: {', '.join(f'{g} {v:g}' for g, v in MU_SCALE.items())}; "
-        "seed 0.",
+        f"sampled runs: seeds {', '.join(map(str, seeds))}, exact metrics every "
+        f"{evaluate_every} iterations.",
         "Exploitability is exact and unregularised (mean-field model of each schedule, "
         "sum_o mu_0(o) (W* - W^pi)_0(o)); the return is sampled from the N-agent episodes. "
-        "`last 5` is the mean of the last five iterations, `last` the final policy.",
+        f"`last part` is the mean over the evaluations in the last {TAIL:.0%} of a run, "
+        "`last` the final policy's (both then averaged over the seeds). Runs go two at a time "
+        "(one process each), so the train times include sharing the 2 cores.",
         "Equilibrium J: online mirror descent on time-indexed policy tables until the "
         "exploitability is <= 1e-4 (at most 4000 iterations, step 0.3); a run that stops above "
         "the tolerance is reported as not converged, without a value.",
@@ -296,11 +363,11 @@ def main(argv=None) -> int:
     ]
     write_results(NAME, flat, "TMF-PG: one agent per step vs all N per step (same N)",
                   "\n".join(table), notes, args.quick)
-    plot(histories, games)
+    plot(histories, games, seeds)
     return 0
 
 
-def plot(histories, games) -> None:
+def plot(histories, games, seeds) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,18 +375,22 @@ def plot(histories, games) -> None:
 
     fig, axes = plt.subplots(2, len(games), figsize=(5.5 * len(games), 7), squeeze=False)
     for column, game_name in enumerate(games):
-        for schedule, style in zip(SCHEDULES, ("o-", "s--")):
-            history = histories[(game_name, schedule)]
-            iterations = [r["iteration"] for r in history]
-            axes[0][column].semilogy(iterations, [r["exploitability"] for r in history],
-                                     style, ms=3, label=schedule)
-            axes[1][column].plot(iterations, [r["return_per_agent"] for r in history], style,
-                                 ms=3, label=schedule)
+        for schedule, color in zip(SCHEDULES, ("tab:blue", "tab:orange")):
+            for seed in seeds:
+                history = histories[(game_name, schedule, seed)]
+                evaluated = [r for r in history if "exploitability" in r]
+                label = schedule if seed == seeds[0] else None
+                axes[0][column].semilogy([r["iteration"] for r in evaluated],
+                                         [r["exploitability"] for r in evaluated], "o-",
+                                         color=color, ms=2, lw=0.8, label=label)
+                axes[1][column].plot([r["iteration"] for r in history],
+                                     [r["return_per_agent"] for r in history], color=color,
+                                     lw=0.6, alpha=0.7, label=label)
         axes[0][column].axhline(0.01, color="k", lw=0.8, ls=":", label="0.01")
         axes[0][column].set_title(f"{game_name}: exploitability (exact, unregularised)")
         axes[1][column].set_title(f"{game_name}: return per agent (sampled)")
         for ax in axes[:, column]:
-            ax.set_xlabel("iteration (same agent experience per iteration)")
+            ax.set_xlabel("iteration (same agent experience per iteration), one line per seed")
             ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
