@@ -91,8 +91,8 @@ class TMFPGConfig(AlgorithmConfig):
     - ``num_agent_types`` (>= 1, default 1): 1 = one shared module for all agents; K > 1 =
       agent_i uses module ``type_{i mod K}``.
     - ``exploitability_interval`` (>= 0, default 1): compute the exact-model metrics every
-      that many iterations (0 = never); the results of the iterations in between have no
-      ``mean_field/`` metrics.
+      that many iterations and at the first (0 = never); the results of the iterations in
+      between repeat the latest ones.
 
     Defaults otherwise: lr 0.01, gamma 1.0 (finite horizon; gamma < 1 discounts per own
     action, in the learner and the exact model alike), complete episodes, sampling on
@@ -243,6 +243,7 @@ class TMFPG(Algorithm):
                     for mid in self.config.policies},
             inference_only=True)
         self._evaluation_module = spec.build()
+        self._latest_exact_metrics: dict[str, float] | None = None
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -259,12 +260,14 @@ class TMFPG(Algorithm):
             finally:
                 self._freeze_runners(None)
 
-        # Exact metrics at iterations n, 2n, ... (n = exploitability_interval); in between
-        # the results leave them out (not NaN, not last time's values).
-        self.metrics.delete(MEAN_FIELD, key_error=False)
+        # Exact metrics at iterations n, 2n, ... (n = exploitability_interval) and the first
+        # after a (re)start; in between the results repeat the latest ones, as Tune's stop
+        # criteria, schedulers and searchers need the key in every result.
         interval = self.config.exploitability_interval
-        if interval and (self.iteration + 1) % interval == 0:
-            for key, value in self.exact_metrics().items():
+        if interval:
+            if self._latest_exact_metrics is None or (self.iteration + 1) % interval == 0:
+                self._latest_exact_metrics = self.exact_metrics()
+            for key, value in self._latest_exact_metrics.items():
                 self.metrics.log_value((MEAN_FIELD, key), value, window=1)
 
     def _sample_and_count(self) -> list:
